@@ -1,0 +1,35 @@
+"""The `pgolf` command: parses arguments and hands each subcommand to its stage's own `cli` module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pgolf.config import ConfigError
+from pgolf.config import cli as config_cli
+
+STAGE_CLIS = [config_cli]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pgolf", description="parameter golf: train, quantize, evaluate, submit"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in STAGE_CLIS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        # Expected user errors (bad key, bad file, bad data) get one clear line, not a traceback.
+        print(f"pgolf: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The RunConfig dataclass tree: every knob of a pgolf run, one section per pipeline stage.
+
+Field defaults are the #1394 record script's defaults (SPEC §7); presets change what a recipe changes.
+Each field's comment names the record scripts' environment variable when one exists (see env.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/datasets/fineweb10B_sp8192"  # DATA_DIR: folder with fineweb_{train,val}_*.bin
+    tokenizer: str = ""  # SentencePiece model; "" = DIR/tokenizer.model
+    train_seq_len: int = 2048  # TRAIN_SEQ_LEN
+    train_batch_tokens: int = 786_432  # TRAIN_BATCH_TOKENS (global, per optimizer step)
+    grad_accum: int = 0  # micro-steps per step on each rank; 0 = 8 // world_size as the records
+    shuffle_seed: int = 0  # loader RNG = PCG64(rank) when 0 (records); PCG64([seed, rank]) otherwise
+    max_val_tokens: int = 0  # 0 = the whole val stream; >0 truncates it (quick checks only)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192  # VOCAB_SIZE
+    num_layers: int = 11  # NUM_LAYERS (physical blocks)
+    model_dim: int = 512  # MODEL_DIM
+    num_heads: int = 8  # NUM_HEADS
+    num_kv_heads: int = 4  # NUM_KV_HEADS
+    mlp_mult: float = 4.0  # MLP_MULT
+    mlp_activation: str = "leaky_relu2"  # leaky_relu2 (records) | relu2 (baseline)
+    tie_embeddings: bool = True  # TIE_EMBEDDINGS
+    tied_embed_init_std: float = 0.005  # TIED_EMBED_INIT_STD
+    logit_softcap: float = 30.0  # LOGIT_SOFTCAP (0 = off)
+    rope_base: float = 10000.0  # ROPE_BASE
+    rope_dims: int = 16  # ROPE_DIMS (0 = rotate all head dims)
+    qk_norm: bool = True  # RMS-normalise q and k per head
+    qk_gain_init: float = 4.0  # QK_GAIN_INIT
+    ln_scale: bool = True  # LN_SCALE: layerwise 1/sqrt(l+1)
+    xsa_last_n: int = 11  # XSA_LAST_N (0 = off)
+    resid_mix: bool = True  # learnable mix with x0 in every block
+    unet_skips: bool = True  # encoder/decoder skip connections
+    skip_gates: bool = True  # SKIP_GATES_ENABLED
+    num_loops: int = 2  # NUM_LOOPS (0 = no depth recurrence)
+    loop_start: int = 4  # LOOP_START
+    loop_end: int = 5  # LOOP_END
+    enable_looping_at: float = 0.5  # ENABLE_LOOPING_AT (training fraction)
+    parallel_mode: str = "none"  # none | gptj (#1493) | lanes1541 | lanes1529
+    parallel_start: int = 7  # PARALLEL_RESIDUAL_START (physical layer index)
+    parallel_final_lane: str = "mlp"  # PARALLEL_FINAL_LANE: mlp | mean | attn (lanes modes)
+    attention_backend: str = "auto"  # auto (FA3 on CUDA when importable, else SDPA) | flash | sdpa
+
+
+@dataclass
+class OptimConfig:
+    matrix_lr: float = 0.02  # MATRIX_LR (Muon)
+    scalar_lr: float = 0.02  # SCALAR_LR
+    tied_embed_lr: float = 0.03  # TIED_EMBED_LR
+    embed_lr: float = 0.6  # EMBED_LR (untied only)
+    head_lr: float = 0.008  # HEAD_LR (untied only)
+    muon_momentum: float = 0.99  # MUON_MOMENTUM
+    muon_momentum_warmup_start: float = 0.92  # MUON_MOMENTUM_WARMUP_START
+    muon_momentum_warmup_steps: int = 1500  # MUON_MOMENTUM_WARMUP_STEPS
+    muon_momentum_warmup_frac: float = 0.0  # >0: warm up over this training fraction instead of steps
+    muon_backend_steps: int = 5  # MUON_BACKEND_STEPS
+    muon_row_normalize: bool = True  # MUON_ROW_NORMALIZE (MuonEq-R)
+    muon_nesterov: bool = True
+    muon_wd: float = 0.085  # MUON_WD
+    beta1: float = 0.9  # BETA1
+    beta2: float = 0.95  # BETA2
+    adam_eps: float = 1e-8  # ADAM_EPS
+    adam_wd: float = 0.02  # ADAM_WD
+    embed_wd: float = 0.085  # EMBED_WD
+    grad_clip_norm: float = 0.3  # GRAD_CLIP_NORM (0 = off)
+    warmdown_frac: float = 0.667  # WARMDOWN_FRAC
+    warmdown_iters: int = 0  # >0: warmdown spans this many steps at the measured mean step time (baseline)
+    min_lr: float = 0.0  # MIN_LR
+    ema_decay: float = 0.997  # EMA_DECAY (0 = no EMA: export the live weights)
+    ema_start_frac: float = 0.0  # EMA tracks the live weights until this training fraction
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1337  # SEED
+    iterations: int = 20_000  # ITERATIONS
+    max_wallclock_seconds: float = 600.0  # MAX_WALLCLOCK_SECONDS (0 = unlimited: frac = step/ITERATIONS)
+    quant_reserve_seconds: float = -1.0  # GPTQ_RESERVE_SECONDS; <0 = estimate from the model's shapes
+    warmup_steps: int = 20  # WARMUP_STEPS: compile warm-up steps, state restored afterwards
+    log_every: int = 500  # TRAIN_LOG_EVERY
+    val_every: int = 4000  # VAL_LOSS_EVERY (0 = only at the end)
+    val_max_tokens: int = 0  # periodic val on the first N val tokens (0 = all)
+    checkpoint_every: int = 0  # steps between resumable checkpoints (0 = only on SIGTERM/end)
+    compile: str = "auto"  # auto (CUDA yes, CPU no) | on | off
+    autocast: str = "bf16"  # bf16 | off
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class QuantConfig:
+    method: str = "gptq"  # gptq | rtn (round to nearest with the same scales; the baseline's int8)
+    clip_percentile: float = (
+        0.0  # >0: per-row clip at this |w| percentile instead of SDClip (baseline 99.99984)
+    )
+    calibration_batches: int = 64  # GPTQ_CALIBRATION_BATCHES
+    calibration_batch_tokens: int = 0  # tokens per calibration batch per rank; 0 = a training micro-batch
+    matrix_bits: int = 6  # MATRIX_BITS
+    embed_bits: int = 8  # EMBED_BITS
+    matrix_clip_sigmas: float = 12.85  # MATRIX_CLIP_SIGMAS
+    embed_clip_sigmas: float = 20.0  # EMBED_CLIP_SIGMAS
+    hessian_clip_lambda: float = 0.0  # HESSIAN_CLIP_LAMBDA (0 = plain SDClip)
+    hessian_clip_embed: bool = False  # apply the Hessian-aware clip to the embedding too (#1557)
+    gptq_damp: float = 0.01  # GPTQ_DAMP
+    gptq_block_size: int = 128
+    passthrough: str = "role"  # role (control/scalar tensors stay fp16) | size (<= 65,536 elements, records)
+    average_hessians: bool = True  # all-reduce Hessians across ranks (records: per-rank)
+    compressor: str = "brotli"  # COMPRESSOR: brotli | lzma | zstd | zlib
+    cap_bytes: int = 16_000_000  # code + artifact must fit (decimal bytes)
+
+
+@dataclass
+class EvalConfig:
+    seq_len: int = 2048  # EVAL_SEQ_LEN
+    stride: int = 64  # EVAL_STRIDE
+    batch_seqs: int = 32  # windows per forward batch
+    plan: list[str] = field(default_factory=lambda: ["prequant", "quant", "sliding"])
+    time_budget_seconds: float = 600.0  # all eval modes together
+    ttt_lr: float = 0.005  # TTT_LR
+    ttt_epochs: int = 3  # TTT_EPOCHS
+    ttt_momentum: float = 0.9  # TTT_MOMENTUM
+    ttt_chunk_tokens: int = 32_768  # TTT_CHUNK_TOKENS
+    ttt_freeze_blocks: int = 0  # TTT_FREEZE_BLOCKS (first N blocks frozen)
+    ttt_batch_seqs: int = 32  # TTT_BATCH_SEQS
+    ttt_grad_clip: float = 1.0  # TTT_GRAD_CLIP
+    ngram_base_beta: float = 2.0  # NGRAM_BASE_BETA
+    ngram_agree_bonus: float = 0.1  # NGRAM_AGREE_BONUS
+    ngram_min_order: int = 8
+    ngram_max_order: int = 16
+    ngram_order_stride: int = 2  # NGRAM_ORDER_STRIDE
+    ngram_token_threshold_scale: float = 1.0  # NGRAM_TOKEN_THRESHOLD_SCALE
+    ngram_table_bits: int = 26  # NGRAM_OPEN_TABLE_BITS
+
+
+@dataclass
+class RunConfig:
+    preset: str = "pr1394"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+SECTIONS = ("data", "model", "optim", "train", "quant", "eval")
+
+# Closed vocabularies, checked by validate(): a typo in a mode name is an error, not a silent default.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.mlp_activation": ("leaky_relu2", "relu2"),
+    "model.parallel_mode": ("none", "gptj", "lanes1541", "lanes1529"),
+    "model.parallel_final_lane": ("mlp", "mean", "attn"),
+    "model.attention_backend": ("auto", "flash", "sdpa"),
+    "train.compile": ("auto", "on", "off"),
+    "train.autocast": ("bf16", "off"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "quant.passthrough": ("role", "size"),
+    "quant.compressor": ("brotli", "lzma", "zstd", "zlib"),
+    "quant.method": ("gptq", "rtn"),
+}
+EVAL_MODES = ("prequant", "quant", "sliding", "ttt", "ngram")

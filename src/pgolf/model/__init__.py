@@ -1,0 +1,1 @@
+"""pgolf.model stage."""
