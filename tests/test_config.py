@@ -81,6 +81,12 @@ def test_env_plan_switches_and_parallel_start():
     assert resolve("pr1541", env={"PARALLEL_RESIDUAL_START": "-1"}).model.parallel_mode == "none"
 
 
+def test_data_dir_env_keeps_the_record_layout():
+    cfg = resolve("pr1394", env={"DATA_DIR": "/d", "VOCAB_SIZE": "8192"})
+    assert cfg.data.dir == "/d/datasets/fineweb10B_sp8192"
+    assert cfg.data.tokenizer == "/d/tokenizers/fineweb_8192_bpe.model"
+
+
 def test_every_env_key_maps_to_a_real_field():
     cfg = preset("pr1394")
     for name, key in ENV_KEYS.items():

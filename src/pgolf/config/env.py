@@ -8,13 +8,13 @@ silently: `unused_record_vars` reports them.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 from pgolf.config.overrides import ConfigError, set_value
 from pgolf.config.schema import RunConfig
 
 ENV_KEYS: dict[str, str] = {
-    # run & data
-    "DATA_DIR": "data.dir",
+    # run & data (DATA_DIR is handled by _data_dir: it names the records' data root, not a shard folder)
     "SEED": "train.seed",
     "ITERATIONS": "train.iterations",
     "MAX_WALLCLOCK_SECONDS": "train.max_wallclock_seconds",
@@ -124,6 +124,14 @@ def _parallel_start(cfg: RunConfig, raw: str, name: str) -> None:
         cfg.model.parallel_start = start
 
 
+def _data_dir(cfg: RunConfig, root: str) -> None:
+    """DATA_DIR keeps the records' meaning: a root holding datasets/fineweb10B_sp{V}/ and
+    tokenizers/fineweb_{V}_bpe.model (the layout `pgolf data fineweb` also writes)."""
+    vocab = cfg.model.vocab_size
+    cfg.data.dir = str(Path(root) / "datasets" / f"fineweb10B_sp{vocab}")
+    cfg.data.tokenizer = str(Path(root) / "tokenizers" / f"fineweb_{vocab}_bpe.model")
+
+
 def apply_env(cfg: RunConfig, env: Mapping[str, str]) -> list[str]:
     """Apply record env vars present in `env`; returns the names applied (for the log)."""
     applied = []
@@ -138,6 +146,9 @@ def apply_env(cfg: RunConfig, env: Mapping[str, str]) -> list[str]:
         if name in env:
             _parallel_start(cfg, env[name], name)
             applied.append(name)
+    if "DATA_DIR" in env:
+        _data_dir(cfg, env["DATA_DIR"])
+        applied.append("DATA_DIR")
     for name, mode in PLAN_SWITCHES.items():
         if name in env:
             value = env[name].strip().lower() in ("1", "true", "yes", "on")
