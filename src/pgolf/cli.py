@@ -7,8 +7,11 @@ import sys
 
 from pgolf.config import ConfigError
 from pgolf.config import cli as config_cli
+from pgolf.data import cli as data_cli
+from pgolf.eval import cli as eval_cli
+from pgolf.submit import cli as submit_cli
 
-STAGE_CLIS = [config_cli]
+STAGE_CLIS = [config_cli, data_cli, eval_cli, submit_cli]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,102 @@
+"""Submit-stage commands: `pgolf stats` (seed statistics, record test) and `pgolf report` (plots, report.md).
+
+Each command is one `_add_*` function in COMMANDS; a new command adds its function to that list.
+Handlers import their module on use, so building the parser stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _add_stats(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stats",
+        help="seed mean/std of runs and the record test (≥ 0.005 nats better, p < 0.01)",
+        description=(
+            "Reads RUN_DIR/summary.json of each run. With --against, runs the one-sided record t-test of "
+            "the improvement in nats/token: against a bpb number (converted at each run's own "
+            "val_loss/val_bpb ratio, one-sample t-test) or against baseline run directories (Welch). "
+            "Exit status 1 when the test fails."
+        ),
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories holding summary.json")
+    p.add_argument(
+        "--against",
+        nargs="+",
+        metavar="BPB|RUN_DIR",
+        help="the SOTA val_bpb (one number) or the baseline's run directories",
+    )
+    p.add_argument("--threshold", type=float, default=None, help="required improvement, nats (0.005)")
+    p.add_argument("--alpha", type=float, default=None, help="significance level (0.01)")
+    p.set_defaults(func=_stats)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from pgolf.submit import stats
+
+    runs = [stats.load_score(d) for d in args.runs]
+    threshold = stats.RECORD_THRESHOLD_NATS if args.threshold is None else args.threshold
+    alpha = stats.RECORD_ALPHA if args.alpha is None else args.alpha
+    baseline, test = None, None
+    try:
+        if args.against:
+            bpb = _as_bpb(args.against)
+            if bpb is not None:
+                test = stats.compare_to_bpb(runs, bpb, threshold, alpha)
+            else:
+                baseline = [stats.load_score(d) for d in args.against]
+                test = stats.compare_to_runs(runs, baseline, threshold, alpha)
+    except ModuleNotFoundError as err:
+        print(f"pgolf: error: {err}", file=sys.stderr)
+        return 2
+    print(stats.format_stats(runs, baseline, test))
+    return 0 if test is None or test.passed else 1
+
+
+def _as_bpb(values: list[str]) -> float | None:
+    """--against as a number, or None when it names run directories (a directory wins over a number)."""
+    if len(values) != 1 or Path(values[0]).is_dir():
+        return None
+    try:
+        return float(values[0])
+    except ValueError:
+        raise ValueError(
+            f"--against: {values[0]!r} is neither a run directory nor a val_bpb number"
+        ) from None
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="write summary.json, loss/bpb/bytes plots and report.md for a run",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/report)")
+    p.set_defaults(func=_report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pgolf.submit.report import render_report
+    from pgolf.submit.summary import format_summary, read_run_json, run_budgets
+
+    try:
+        path = render_report(args.run_dir, args.out)
+    except ModuleNotFoundError as err:
+        print(f"pgolf: error: {err}", file=sys.stderr)
+        return 2
+    summary = read_run_json(args.run_dir, "summary.json")
+    print(format_summary(summary, *run_budgets(args.run_dir)))
+    print(f"\nreport: {path}")
+    return 0
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_stats, _add_report]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    for add in COMMANDS:
+        add(sub)
