@@ -9,9 +9,11 @@ from pgolf.config import ConfigError
 from pgolf.config import cli as config_cli
 from pgolf.data import cli as data_cli
 from pgolf.eval import cli as eval_cli
+from pgolf.quant import cli as quant_cli
 from pgolf.submit import cli as submit_cli
+from pgolf.train import cli as train_cli
 
-STAGE_CLIS = [config_cli, data_cli, eval_cli, submit_cli]
+STAGE_CLIS = [config_cli, data_cli, train_cli, quant_cli, eval_cli, submit_cli]
 
 
 def build_parser() -> argparse.ArgumentParser:

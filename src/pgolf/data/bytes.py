@@ -54,7 +54,9 @@ class ByteTables:
     is_boundary: torch.Tensor  # bool [V]
 
     def to(self, device: torch.device | str) -> ByteTables:
-        return ByteTables(self.base_bytes.to(device), self.has_leading_space.to(device), self.is_boundary.to(device))
+        return ByteTables(
+            self.base_bytes.to(device), self.has_leading_space.to(device), self.is_boundary.to(device)
+        )
 
     def target_bytes(self, prev_ids: torch.Tensor, tgt_ids: torch.Tensor) -> torch.Tensor:
         """UTF-8 bytes each target stands for, given the token before it (same shapes, int64)."""
@@ -114,8 +116,12 @@ class BpbMeter:
     ) -> None:
         """Add scored targets: `nll[i]` is the NLL of `tgt_ids[i]`, whose input token was `prev_ids[i]`."""
         if not (nll.shape == prev_ids.shape == tgt_ids.shape):
-            raise ValueError(f"nll {tuple(nll.shape)}, prev {tuple(prev_ids.shape)}, tgt {tuple(tgt_ids.shape)} differ")
-        tables = self.tables if self.tables.base_bytes.device == tgt_ids.device else self.tables.to(tgt_ids.device)
+            raise ValueError(
+                f"nll {tuple(nll.shape)}, prev {tuple(prev_ids.shape)}, tgt {tuple(tgt_ids.shape)} differ"
+            )
+        tables = (
+            self.tables if self.tables.base_bytes.device == tgt_ids.device else self.tables.to(tgt_ids.device)
+        )
         nbytes = tables.target_bytes(prev_ids, tgt_ids)
         nll = nll.double()
         if mask is not None:
@@ -133,4 +139,6 @@ class BpbMeter:
         loss_sum, tokens, nbytes = float(totals[0]), int(totals[1]), int(totals[2])
         if tokens == 0 or nbytes == 0:
             raise ValueError(f"no bytes scored (tokens={tokens}, bytes={nbytes}): bpb is undefined")
-        return BpbResult(loss=loss_sum / tokens, bpb=loss_sum / (math.log(2) * nbytes), tokens=tokens, bytes=nbytes)
+        return BpbResult(
+            loss=loss_sum / tokens, bpb=loss_sum / (math.log(2) * nbytes), tokens=tokens, bytes=nbytes
+        )
