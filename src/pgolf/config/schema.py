@@ -64,6 +64,7 @@ class OptimConfig:
     muon_momentum_warmup_frac: float = 0.0  # >0: warm up over this training fraction instead of steps
     muon_backend_steps: int = 5  # MUON_BACKEND_STEPS
     muon_row_normalize: bool = True  # MUON_ROW_NORMALIZE (MuonEq-R)
+    muon_ns_dtype: str = "auto"  # Newton–Schulz precision: auto (bf16 where fast, as train.autocast) | bf16 | fp32
     muon_nesterov: bool = True
     muon_wd: float = 0.085  # MUON_WD
     beta1: float = 0.9  # BETA1
@@ -91,7 +92,7 @@ class TrainConfig:
     val_max_tokens: int = 0  # periodic val on the first N val tokens (0 = all)
     checkpoint_every: int = 0  # steps between resumable checkpoints (0 = only on SIGTERM/end)
     compile: str = "auto"  # auto (CUDA yes, CPU no) | on | off
-    autocast: str = "bf16"  # bf16 | off
+    autocast: str = "auto"  # auto (bf16 on CUDA and AMX/AVX512-BF16 CPUs, else fp32) | bf16 | off
     device: str = "auto"  # auto | cpu | cuda
 
 
@@ -114,6 +115,7 @@ class QuantConfig:
     passthrough: str = "role"  # role (control/scalar tensors stay fp16) | size (<= 65,536 elements, records)
     average_hessians: bool = True  # all-reduce Hessians across ranks (records: per-rank)
     compressor: str = "brotli"  # COMPRESSOR: brotli | lzma | zstd | zlib
+    shuffle: str = "bshf2"  # byte shuffle before compression: bshf2 (records) | planes (fp16 arrays) | none
     cap_bytes: int = 16_000_000  # code + artifact must fit (decimal bytes)
 
 
@@ -159,11 +161,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.parallel_mode": ("none", "gptj", "lanes1541", "lanes1529"),
     "model.parallel_final_lane": ("mlp", "mean", "attn"),
     "model.attention_backend": ("auto", "flash", "sdpa"),
+    "optim.muon_ns_dtype": ("auto", "bf16", "fp32"),
     "train.compile": ("auto", "on", "off"),
-    "train.autocast": ("bf16", "off"),
+    "train.autocast": ("auto", "bf16", "off"),
     "train.device": ("auto", "cpu", "cuda"),
     "quant.passthrough": ("role", "size"),
     "quant.compressor": ("brotli", "lzma", "zstd", "zlib"),
+    "quant.shuffle": ("none", "bshf2", "planes"),
     "quant.method": ("gptq", "rtn"),
 }
 EVAL_MODES = ("prequant", "quant", "sliding", "ttt", "ngram")

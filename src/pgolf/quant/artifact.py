@@ -1,0 +1,343 @@
+"""The artifact file (RUN_DIR/model.ptz): quantized tensors in a documented container, no pickle.
+
+Reading never executes code: the file is bytes, a JSON table and raw little-endian arrays.
+
+File layout (all integers little-endian)::
+
+    offset  size  field
+    0       8     magic b"PGOLFQ01" (the same for every format version)
+    8       2     u16 format version (this module writes FORMAT_VERSION = 1)
+    10      1     u8 compressor id: 1 brotli (quality 11, window 2^24), 2 lzma (preset 9e),
+                  3 zstd (level 22), 4 zlib (level 9)
+    11      1     u8 shuffle id: 0 none, 1 bshf2 (each frame byte-shuffled with stride 2, SPEC §4.6),
+                  2 planes (fp16 arrays stored as byte planes, see "layout" below; frames unshuffled)
+    12      4     u32 CRC-32 of the whole file except these 4 bytes (catches corruption before decompressing)
+    16      32    sha256 of the container (below), checked after decompression
+    48      2     u16 number of frames F
+    50      4·F   u32 compressed length of each frame
+    50+4F   ...   the F compressed frames, back to back; the file ends exactly after the last one
+
+Container = the decompressed (and unshuffled) frames concatenated:
+
+    u32 n, then n bytes of UTF-8 JSON (the header), then the payload (header["payload_bytes"] bytes).
+
+Frame 0 holds the u32 and the JSON; each further frame holds the payload section of one tensor class
+(matrix, embed, head, control, in that order), so the compressed bytes of each class are exact numbers
+(header["frames"]: class, offset into the payload, raw nbytes).
+
+Header JSON: {"format_version", "payload_bytes", "frames", "tensors": [...], "meta": {...}}. Each tensor:
+name, class, scheme (int{b} | fp16 | raw), bits, dtype (what dequantization returns), shape, storage
+(payload dtype: int8 | float16 | the raw dtype), layout (plain | planes: an fp16 array as all low bytes
+then all high bytes, so the slowly varying exponent bytes sit together), offset and nbytes in the payload,
+and for int schemes "scale": {dtype float16, per "row", layout, offset, nbytes}. Dequantized W = q·s_r.
+
+int6 values are stored one per int8 byte: the entropy coder removes the unused top bits (§4.6).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+import struct
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pgolf.fileio import atomic_write_bytes
+from pgolf.quant.scheme import CLASSES, QuantizedTensor
+
+MAGIC = b"PGOLFQ01"
+FORMAT_VERSION = 1
+COMPRESSORS = {"brotli": 1, "lzma": 2, "zstd": 3, "zlib": 4}
+SHUFFLES = {"none": 0, "bshf2": 1, "planes": 2}
+_FIXED = struct.Struct("<8sHBBI32sH")  # magic, version, compressor, shuffle, crc32, sha256, frames
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
+
+
+class ArtifactError(ValueError):
+    """The artifact file is malformed, corrupted, truncated or from a newer pgolf; the message says which."""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def compress(data: bytes, compressor: str) -> bytes:
+    if compressor == "brotli":
+        import brotli
+
+        return brotli.compress(data, quality=11, lgwin=24)
+    if compressor == "lzma":
+        return lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)
+    if compressor == "zstd":
+        import zstandard
+
+        return zstandard.ZstdCompressor(level=22).compress(data)
+    if compressor == "zlib":
+        return zlib.compress(data, 9)
+    raise ValueError(f"unknown compressor {compressor!r}; expected one of {', '.join(COMPRESSORS)}")
+
+
+def decompress(data: bytes, compressor: str) -> bytes:
+    if compressor == "brotli":
+        import brotli
+
+        return brotli.decompress(data)
+    if compressor == "lzma":
+        return lzma.decompress(data)
+    if compressor == "zstd":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().decompress(data)
+    return zlib.decompress(data)
+
+
+def byte_shuffle(data: bytes, stride: int = 2) -> bytes:
+    """All bytes at offsets ≡ 0 (mod stride), then ≡ 1, ... (the records' BSHF transform without its tag)."""
+    return b"".join(data[i::stride] for i in range(stride))
+
+
+def byte_unshuffle(data: bytes, stride: int = 2) -> bytes:
+    out = bytearray(len(data))
+    pos = 0
+    for i in range(stride):
+        count = len(range(i, len(data), stride))
+        out[i::stride] = data[pos : pos + count]
+        pos += count
+    return bytes(out)
+
+
+def _to_bytes(t: torch.Tensor, layout: str) -> bytes:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        arr = t.view(torch.int16).numpy()
+    else:
+        arr = t.numpy()
+    raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+    return byte_shuffle(raw, arr.itemsize) if layout == "planes" else raw
+
+
+def _from_bytes(buf: bytes, storage: str, shape: list[int], layout: str) -> torch.Tensor:
+    dtype = _DTYPES[storage]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if layout == "planes":
+        buf = byte_unshuffle(buf, itemsize)
+    if dtype == torch.bfloat16:
+        arr = np.frombuffer(buf, dtype="<i2").copy()
+        return torch.from_numpy(arr).view(torch.bfloat16).reshape(shape)
+    np_dtype = np.dtype(torch.empty((), dtype=dtype).numpy().dtype).newbyteorder("<")
+    arr = np.frombuffer(buf, dtype=np_dtype).astype(np_dtype.newbyteorder("="))
+    return torch.from_numpy(arr.copy()).reshape(shape)
+
+
+def encode_artifact(
+    qtensors: Mapping[str, QuantizedTensor],
+    compressor: str = "brotli",
+    shuffle: str = "planes",
+    meta: Mapping[str, Any] | None = None,
+) -> tuple[bytes, dict[str, int]]:
+    """The artifact bytes and the compressed bytes of each frame ({"header": .., CLASS: ..})."""
+    if compressor not in COMPRESSORS:
+        raise ValueError(f"unknown compressor {compressor!r}; expected one of {', '.join(COMPRESSORS)}")
+    if shuffle not in SHUFFLES:
+        raise ValueError(f"unknown shuffle {shuffle!r}; expected one of {', '.join(SHUFFLES)}")
+    fp16_layout = "planes" if shuffle == "planes" else "plain"
+    sections: list[tuple[str, bytearray]] = []
+    entries = []
+    offset = 0
+    for cls in CLASSES + tuple(sorted({qt.cls for qt in qtensors.values()} - set(CLASSES))):
+        members = [qt for qt in qtensors.values() if qt.cls == cls]
+        if not members:
+            continue
+        section = bytearray()
+        # values of the class first, then its scales: like data sits next to like data for the coder
+        for qt in members:
+            layout = fp16_layout if qt.data.dtype == torch.float16 else "plain"
+            raw = _to_bytes(qt.data, layout)
+            entries.append(
+                {
+                    "name": qt.name,
+                    "class": qt.cls,
+                    "scheme": qt.scheme,
+                    "bits": qt.bits,
+                    "dtype": _dtype_name(qt.dtype),
+                    "shape": list(qt.data.shape),
+                    "storage": _dtype_name(qt.data.dtype),
+                    "layout": layout,
+                    "offset": offset + len(section),
+                    "nbytes": len(raw),
+                }
+            )
+            section += raw
+        for qt, entry in zip(members, entries[-len(members) :]):
+            if qt.scale is None:
+                continue
+            raw = _to_bytes(qt.scale.to(torch.float16), fp16_layout)
+            entry["scale"] = {
+                "dtype": "float16",
+                "per": "row",
+                "layout": fp16_layout,
+                "offset": offset + len(section),
+                "nbytes": len(raw),
+            }
+            section += raw
+        sections.append((cls, section))
+        offset += len(section)
+    order = {name: i for i, name in enumerate(qtensors)}
+    entries.sort(key=lambda e: order[e["name"]])  # the table keeps state_dict order; offsets say where
+    header = {
+        "format_version": FORMAT_VERSION,
+        "payload_bytes": offset,
+        "frames": [],
+        "tensors": entries,
+        "meta": dict(meta or {}),
+    }
+    start = 0
+    for cls, section in sections:
+        header["frames"].append({"class": cls, "offset": start, "nbytes": len(section)})
+        start += len(section)
+    js = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw_frames = [struct.pack("<I", len(js)) + js] + [bytes(s) for _, s in sections]
+    sha = hashlib.sha256(b"".join(raw_frames)).digest()
+    if shuffle == "bshf2":
+        raw_frames = [byte_shuffle(f, 2) for f in raw_frames]
+    frames = [compress(f, compressor) for f in raw_frames]
+    fixed = _FIXED.pack(
+        MAGIC, FORMAT_VERSION, COMPRESSORS[compressor], SHUFFLES[shuffle], 0, sha, len(frames)
+    )
+    lengths = struct.pack(f"<{len(frames)}I", *(len(f) for f in frames))
+    body = fixed + lengths + b"".join(frames)
+    crc = zlib.crc32(body[:12] + body[16:])
+    blob = body[:12] + struct.pack("<I", crc) + body[16:]
+    sizes = {"header": _FIXED.size + len(lengths) + len(frames[0])}
+    for (cls, _), f in zip(sections, frames[1:]):
+        sizes[cls] = len(f)
+    return blob, sizes
+
+
+def write_artifact(
+    path: str | Path,
+    qtensors: Mapping[str, QuantizedTensor],
+    compressor: str = "brotli",
+    shuffle: str = "planes",
+    meta: Mapping[str, Any] | None = None,
+) -> dict[str, int]:
+    """Encode and write atomically; returns the compressed bytes per frame (see encode_artifact)."""
+    blob, sizes = encode_artifact(qtensors, compressor, shuffle, meta)
+    atomic_write_bytes(path, blob)
+    return sizes
+
+
+def decode_artifact(
+    blob: bytes, source: str = "<bytes>"
+) -> tuple[dict[str, QuantizedTensor], dict[str, Any]]:
+    """Parse and verify artifact bytes; returns (tensors by name, header JSON). Raises ArtifactError."""
+    if len(blob) < 10 or blob[:8] != MAGIC:
+        raise ArtifactError(f"{source}: not a pgolf artifact (expected magic {MAGIC!r} at the start)")
+    (version,) = struct.unpack_from("<H", blob, 8)
+    if version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{source}: format version {version} was written by a newer pgolf "
+            f"(this one reads up to version {FORMAT_VERSION}); upgrade pgolf to read it"
+        )
+    if version < 1:
+        raise ArtifactError(f"{source}: invalid format version {version}")
+    if len(blob) < _FIXED.size:
+        raise ArtifactError(
+            f"{source}: truncated: {len(blob)} bytes, shorter than the {_FIXED.size}-byte header"
+        )
+    _, _, comp_id, shuf_id, crc, sha, nframes = _FIXED.unpack_from(blob, 0)
+    table_end = _FIXED.size + 4 * nframes
+    if len(blob) < table_end:
+        raise ArtifactError(f"{source}: truncated: {len(blob)} bytes, the frame table needs {table_end}")
+    lengths = struct.unpack_from(f"<{nframes}I", blob, _FIXED.size)
+    expected = table_end + sum(lengths)
+    if len(blob) < expected:
+        raise ArtifactError(f"{source}: truncated: {len(blob)} bytes, the header promises {expected}")
+    if len(blob) > expected:
+        raise ArtifactError(f"{source}: {len(blob) - expected} unexpected bytes after the last frame")
+    if zlib.crc32(blob[:12] + blob[16:]) != crc:
+        raise ArtifactError(f"{source}: checksum mismatch (CRC-32 of the file): the file is corrupted")
+    compressors = {v: k for k, v in COMPRESSORS.items()}
+    shuffles = {v: k for k, v in SHUFFLES.items()}
+    if comp_id not in compressors or shuf_id not in shuffles:
+        raise ArtifactError(f"{source}: unknown compressor id {comp_id} or shuffle id {shuf_id}")
+    raw_frames = []
+    pos = table_end
+    for n in lengths:
+        try:
+            frame = decompress(blob[pos : pos + n], compressors[comp_id])
+        except Exception as err:  # every decoder has its own error type
+            raise ArtifactError(f"{source}: a frame failed to decompress ({err})") from err
+        raw_frames.append(byte_unshuffle(frame, 2) if shuffles[shuf_id] == "bshf2" else frame)
+        pos += n
+    container = b"".join(raw_frames)
+    if hashlib.sha256(container).digest() != sha:
+        raise ArtifactError(f"{source}: checksum mismatch (sha256 of the decompressed container)")
+    (jlen,) = struct.unpack_from("<I", container, 0)
+    header = json.loads(container[4 : 4 + jlen].decode("utf-8"))
+    payload = container[4 + jlen :]
+    if header.get("payload_bytes") != len(payload):
+        raise ArtifactError(
+            f"{source}: payload is {len(payload)} bytes, header says {header.get('payload_bytes')}"
+        )
+    return _tensors_from(header, payload, source), header
+
+
+def _slice(payload: bytes, spec: Mapping[str, Any], what: str, source: str) -> bytes:
+    off, n = int(spec["offset"]), int(spec["nbytes"])
+    if off < 0 or n < 0 or off + n > len(payload):
+        raise ArtifactError(
+            f"{source}: {what}: bytes [{off}, {off + n}) lie outside the {len(payload)}-byte payload"
+        )
+    return payload[off : off + n]
+
+
+def _tensors_from(header: Mapping[str, Any], payload: bytes, source: str) -> dict[str, QuantizedTensor]:
+    out = {}
+    for e in header["tensors"]:
+        name = e["name"]
+        if e["storage"] not in _DTYPES or e["dtype"] not in _DTYPES:
+            raise ArtifactError(f"{source}: tensor {name}: unsupported dtype {e['storage']}/{e['dtype']}")
+        numel = int(np.prod(e["shape"])) if e["shape"] else 1
+        itemsize = torch.empty((), dtype=_DTYPES[e["storage"]]).element_size()
+        if numel * itemsize != int(e["nbytes"]):
+            raise ArtifactError(
+                f"{source}: tensor {name}: shape {e['shape']} needs {numel * itemsize} bytes, table says {e['nbytes']}"
+            )
+        data = _from_bytes(_slice(payload, e, name, source), e["storage"], e["shape"], e["layout"])
+        scale = None
+        if "scale" in e:
+            sc = e["scale"]
+            rows = e["shape"][0]
+            if int(sc["nbytes"]) != 2 * rows:
+                raise ArtifactError(f"{source}: tensor {name}: {sc['nbytes']} scale bytes for {rows} rows")
+            scale = _from_bytes(_slice(payload, sc, name + " scale", source), "float16", [rows], sc["layout"])
+        out[name] = QuantizedTensor(
+            name, e["class"], e["scheme"], int(e["bits"]), data, scale, _DTYPES[e["dtype"]]
+        )
+    return out
+
+
+def read_artifact(path: str | Path) -> tuple[dict[str, QuantizedTensor], dict[str, Any]]:
+    """Read and verify an artifact file: (tensors by name, header JSON)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: artifact file does not exist")
+    return decode_artifact(path.read_bytes(), str(path))

@@ -1,0 +1,31 @@
+"""`pgolf quantize RUN_DIR [--set k=v]`: calibrate, quantize and write RUN_DIR/model.ptz + quant.json."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="quantize a trained run directory into its artifact (model.ptz)")
+    p.add_argument("run_dir", help="run directory with config.toml and model.pt")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the run's config, e.g. --set quant.matrix_clip_sigmas=14 (repeatable)",
+    )
+    p.set_defaults(func=_quantize)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from pgolf.quant.pipeline import OverCapError, quantize_run
+
+    try:
+        quantize_run(args.run_dir, args.sets)
+    except OverCapError as err:
+        print(f"pgolf quantize: over the cap: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,180 @@
+"""RUN_DIR/model.pt -> RUN_DIR/model.ptz + quant.json (calibrate, quantize, write, account), and back.
+
+`quantize_run(run_dir)` loads config.toml and the EMA weights, collects Hessians on training data,
+quantizes per the config, writes the artifact atomically, and checks artifact + code bytes against the
+cap. Over the cap the file is kept as model.over_cap.ptz (a stale model.ptz is removed), quant.json still
+records the numbers, and OverCapError is raised (the CLI exits non-zero).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pgolf.config import RunConfig, load_run_config, validate
+from pgolf.config.overrides import apply_sets
+from pgolf.fileio import atomic_write_bytes, atomic_write_json
+from pgolf.quant.artifact import ArtifactError, encode_artifact, read_artifact
+from pgolf.quant.budget import SizeReport, code_bytes
+from pgolf.quant.hessian import collect_run_hessians
+from pgolf.quant.scheme import QuantizedTensor, dequantize_state_dict, quantize_state_dict
+
+ARTIFACT_NAME = "model.ptz"
+OVER_CAP_NAME = "model.over_cap.ptz"
+
+
+class OverCapError(ValueError):
+    """Artifact + code bytes exceed quant.cap_bytes; `report` holds the quant.json numbers."""
+
+    def __init__(self, message: str, report: dict[str, Any]):
+        super().__init__(message)
+        self.report = report
+
+
+def load_trained_model(
+    run_dir: str | Path, cfg: RunConfig, device: torch.device | str = "cpu"
+) -> torch.nn.Module:
+    """GPT with RUN_DIR/model.pt loaded (a plain state_dict; read with weights_only, never unpickling code)."""
+    from pgolf.model import GPT
+
+    path = Path(run_dir) / "model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no trained weights (run `pgolf train` first)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = GPT(cfg.model)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: weights do not match the model of config.toml: {err}") from None
+    return model.to(device)
+
+
+def class_table(
+    qtensors: dict[str, QuantizedTensor], frame_bytes: dict[str, int]
+) -> dict[str, dict[str, Any]]:
+    """{class: {params, bits, bytes, bits_per_weight}}: bytes = the class's compressed frame."""
+    table = {}
+    for cls, nbytes in frame_bytes.items():
+        if cls == "header":
+            continue
+        members = [qt for qt in qtensors.values() if qt.cls == cls]
+        params = sum(qt.data.numel() for qt in members)
+        table[cls] = {
+            "params": params,
+            "bits": max(qt.bits for qt in members),
+            "bytes": nbytes,
+            "bits_per_weight": round(8.0 * nbytes / max(params, 1), 4),
+        }
+    return table
+
+
+def quantize_run(run_dir: str | Path, sets: list[str] | None = None, verbose: bool = True) -> dict[str, Any]:
+    """Quantize a trained run directory; returns the quant.json dict (see the module docstring)."""
+    from pgolf.model import param_role
+    from pgolf.runtime import init_distributed
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    if sets:
+        apply_sets(cfg, sets)
+        validate(cfg)
+    dist = init_distributed(cfg.train.device)
+    model = load_trained_model(run_dir, cfg, dist.device)
+
+    from pgolf.eval.run_eval import eval_looping  # the one rule for the looping state eval will use
+
+    hessians, hessian_seconds = collect_run_hessians(model, cfg, dist, eval_looping(run_dir, cfg))
+    t0 = time.perf_counter()
+    qtensors = quantize_state_dict(model.state_dict(), hessians, cfg.quant, param_role, dist.device)
+    gptq_seconds = time.perf_counter() - t0
+
+    q = cfg.quant
+    meta = {
+        "preset": cfg.preset,
+        "method": q.method,
+        "matrix_bits": q.matrix_bits,
+        "embed_bits": q.embed_bits,
+    }
+    t0 = time.perf_counter()
+    blob, frame_bytes = encode_artifact(qtensors, q.compressor, q.shuffle, meta)
+    compress_seconds = time.perf_counter() - t0
+    size = SizeReport(len(blob), code_bytes(), q.cap_bytes)
+    report: dict[str, Any] = {
+        "artifact_bytes": size.artifact_bytes,
+        "code_bytes": size.code_bytes,
+        "total_bytes": size.total_bytes,
+        "cap_bytes": size.cap_bytes,
+        "fits": size.fits,
+        "compressor": q.compressor,
+        "shuffle": q.shuffle,
+        "method": q.method,
+        "classes": class_table(qtensors, frame_bytes),
+        "header_bytes": frame_bytes["header"],
+        "hessians": len(hessians),
+        "hessian_seconds": round(hessian_seconds, 3),
+        "gptq_seconds": round(gptq_seconds, 3),
+        "compress_seconds": round(compress_seconds, 3),
+        "artifact": ARTIFACT_NAME if size.fits else OVER_CAP_NAME,
+    }
+    if not dist.is_main:
+        return report
+
+    target = run_dir / report["artifact"]
+    atomic_write_bytes(target, blob)
+    if not size.fits:
+        (run_dir / ARTIFACT_NAME).unlink(missing_ok=True)  # never leave a stale artifact that looks valid
+    atomic_write_json(run_dir / "quant.json", report)
+    if verbose:
+        print_report(report)
+    if not size.fits:
+        raise OverCapError(
+            f"{target}: total {size.total_bytes:,} bytes (artifact {size.artifact_bytes:,} + code "
+            f"{size.code_bytes:,}) exceeds quant.cap_bytes={size.cap_bytes:,} by "
+            f"{size.total_bytes - size.cap_bytes:,}; kept as {OVER_CAP_NAME}",
+            report,
+        )
+    return report
+
+
+def print_report(report: dict[str, Any]) -> None:
+    for cls, row in report["classes"].items():
+        print(
+            f"quant {cls:8s} params {row['params']:>11,}  bits {row['bits']:2d}  "
+            f"bytes {row['bytes']:>11,}  bits/weight {row['bits_per_weight']:.3f}"
+        )
+    print(
+        f"quant artifact {report['artifact_bytes']:,} B + code {report['code_bytes']:,} B = total "
+        f"{report['total_bytes']:,} B (cap {report['cap_bytes']:,}); hessians {report['hessian_seconds']:.1f} s, "
+        f"gptq {report['gptq_seconds']:.1f} s, compress {report['compress_seconds']:.1f} s"
+    )
+
+
+def load_artifact_model(
+    path: str | Path, cfg: RunConfig, device: torch.device | str = "cpu"
+) -> torch.nn.Module:
+    """A GPT rebuilt from the artifact for eval: dequantized weights cast to the model's own dtypes
+    (fp32 linears and control tensors, bf16 tok_emb), looping on, eval mode."""
+    from pgolf.model import GPT
+
+    qtensors, _ = read_artifact(path)
+    state = dequantize_state_dict(qtensors)
+    model = GPT(cfg.model)
+    template = model.state_dict()
+    missing = sorted(set(template) - set(state))
+    extra = sorted(set(state) - set(template))
+    if missing or extra:
+        raise ArtifactError(
+            f"{path}: tensors do not match the config's model: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+    for name, ref in template.items():
+        if tuple(state[name].shape) != tuple(ref.shape):
+            raise ArtifactError(
+                f"{path}: tensor {name} has shape {tuple(state[name].shape)}, the model expects {tuple(ref.shape)}"
+            )
+        state[name] = state[name].to(ref.dtype)
+    model.load_state_dict(state, strict=True)
+    model.set_looping(True)
+    return model.to(device).eval()

@@ -1,0 +1,126 @@
+"""The artifact container: exact round trips, corruption / truncation / version errors, no pickle, size law."""
+
+from __future__ import annotations
+
+import pickle
+import struct
+
+import pytest
+import torch
+
+from pgolf.config.schema import QuantConfig
+from pgolf.quant import ArtifactError, decode_artifact, encode_artifact, read_artifact, write_artifact
+from pgolf.quant.artifact import FORMAT_VERSION, byte_shuffle, byte_unshuffle
+from pgolf.quant.scheme import dequantize_state_dict, quantize_state_dict
+
+
+def role(name: str, t: torch.Tensor) -> str:
+    if name == "tok_emb.weight":
+        return "embed"
+    return "matrix" if name.startswith("blocks.") and t.dim() == 2 else "control"
+
+
+def heavy_state(seed: int = 0, rows: int = 64, cols: int = 96) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    t = lambda r, c: torch.distributions.StudentT(4.0).sample((r, c)) * 0.02
+    return {
+        "tok_emb.weight": t(128, cols).to(torch.bfloat16),
+        "blocks.0.attn.c_q.weight": t(rows, cols),
+        "blocks.0.mlp.fc.weight": t(2 * rows, cols),
+        "blocks.0.attn_scale": torch.rand(cols) + 0.5,
+        "skip_weights": torch.rand(2, cols),
+        "step": torch.tensor([7, 8], dtype=torch.int64),  # a non-float entry: stored raw
+    }
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    return quantize_state_dict(heavy_state(), {}, QuantConfig(method="rtn"), role)
+
+
+@pytest.mark.parametrize("compressor", ["brotli", "lzma", "zstd", "zlib"])
+@pytest.mark.parametrize("shuffle", ["none", "bshf2", "planes"])
+def test_round_trip_is_exact(quantized, compressor, shuffle):
+    blob, sizes = encode_artifact(quantized, compressor, shuffle, {"preset": "test"})
+    back, header = decode_artifact(blob)
+    assert header["meta"] == {"preset": "test"} and header["format_version"] == FORMAT_VERSION
+    assert sum(sizes.values()) == len(blob)  # every byte is attributed to the header or one class frame
+    mem, disk = dequantize_state_dict(quantized), dequantize_state_dict(back)
+    assert list(mem) == list(disk)
+    for name in mem:
+        assert mem[name].dtype == disk[name].dtype, name
+        assert torch.equal(mem[name], disk[name]), name
+        assert torch.equal(quantized[name].data, back[name].data), name
+    assert (
+        disk["tok_emb.weight"].dtype == torch.bfloat16 and disk["blocks.0.attn_scale"].dtype == torch.float32
+    )
+
+
+def test_write_and_read_file(tmp_path, quantized):
+    path = tmp_path / "model.ptz"
+    sizes = write_artifact(path, quantized, "brotli", "bshf2")
+    assert path.stat().st_size == sum(sizes.values())
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic write left no temp file
+    back, _ = read_artifact(path)
+    assert torch.equal(back["blocks.0.mlp.fc.weight"].data, quantized["blocks.0.mlp.fc.weight"].data)
+
+
+def test_every_single_flipped_byte_is_detected(quantized):
+    blob, _ = encode_artifact(quantized, "zlib", "bshf2")
+    # magic and version bytes give their own errors; every other byte is covered by the CRC / sha256
+    for pos in list(range(12, len(blob), max(1, len(blob) // 300))) + [len(blob) - 1, 20, 47, 49]:
+        bad = bytearray(blob)
+        bad[pos] ^= 0x01
+        with pytest.raises(ArtifactError, match="checksum|truncated|unexpected bytes"):
+            decode_artifact(bytes(bad))
+    bad = bytearray(blob)
+    bad[len(blob) // 2] ^= 0xFF
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        decode_artifact(bytes(bad), "model.ptz")
+
+
+def test_truncated_bad_magic_and_future_version(quantized):
+    blob, _ = encode_artifact(quantized, "brotli", "none")
+    for cut in (5, 30, 60, len(blob) - 1):
+        with pytest.raises(ArtifactError, match="truncated|not a pgolf artifact"):
+            decode_artifact(blob[:cut], "model.ptz")
+    with pytest.raises(ArtifactError, match="model.ptz: truncated"):
+        decode_artifact(blob[: len(blob) - 10], "model.ptz")
+    with pytest.raises(ArtifactError, match="not a pgolf artifact"):
+        decode_artifact(b"PK\x03\x04" + blob[4:])
+    future = blob[:8] + struct.pack("<H", FORMAT_VERSION + 1) + blob[10:]
+    with pytest.raises(ArtifactError, match="written by a newer pgolf"):
+        decode_artifact(future)
+    with pytest.raises(FileNotFoundError):
+        read_artifact("/nonexistent/model.ptz")
+
+
+def test_reading_never_unpickles(monkeypatch, quantized):
+    blob, _ = encode_artifact(quantized, "zlib", "planes")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the artifact reader must not unpickle")
+
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    back, _ = decode_artifact(blob)
+    assert set(back) == set(quantized)
+
+
+def test_byte_shuffle_inverts_for_any_length_and_stride():
+    for n in (0, 1, 7, 64, 101):
+        data = bytes(range(256))[:n] * 3
+        for stride in (2, 3, 4):
+            assert byte_unshuffle(byte_shuffle(data, stride), stride) == data
+    assert byte_shuffle(b"abcdef") == b"acebdf"
+
+
+def test_sdclip_size_law_bytes_fall_as_k_rises():
+    """At fixed bits, a wider clip (larger k) means coarser steps and fewer distinct codes: fewer bytes."""
+    state = {k: v for k, v in heavy_state(seed=1, rows=128, cols=256).items() if k.startswith("blocks.")}
+    sizes = []
+    for k in (4.0, 8.0, 12.85, 20.0):
+        qt = quantize_state_dict(state, {}, QuantConfig(method="rtn", matrix_clip_sigmas=k), role)
+        sizes.append(encode_artifact(qt, "brotli", "bshf2")[1]["matrix"])
+    assert all(a > b for a, b in zip(sizes, sizes[1:])), sizes
