@@ -18,14 +18,13 @@ from pgolf.model import GPT
 from pgolf.quant import (
     calibration_batches,
     code_bytes,
-    code_files,
     collect_hessians,
     estimate_quant_seconds,
     load_artifact_model,
     quant_reserve_seconds,
     quantize_run,
 )
-from pgolf.quant.budget import PACKAGE_ROOT, gptq_cost_seconds
+from pgolf.quant.budget import gptq_cost_seconds
 from pgolf.runtime import dist_info
 
 VOCAB = 512
@@ -161,12 +160,22 @@ def test_over_cap_exits_non_zero_and_keeps_the_file(tmp_path, capsys):
     assert saved["fits"] is False and saved["compressor"] == "zlib"
 
 
-def test_code_bytes_rule():
-    files = code_files()
-    rel = {str(f.relative_to(PACKAGE_ROOT)) for f in files}
-    assert {"quant/gptq.py", "quant/artifact.py", "model/gpt.py", "__init__.py", "runtime.py"} <= rel
-    assert not any(r.endswith("cli.py") or r.startswith("submit/") for r in rel)
-    assert code_bytes() == sum(len(f.read_bytes()) for f in files)
+def test_code_bytes_are_the_bundle_size(tmp_path):
+    from pgolf.config import to_toml
+    from pgolf.singlefile import build_bundle_source, bundle_title, collect_modules
+
+    cfg = tiny_config(tmp_path)
+    modules = collect_modules()
+    assert {"pgolf.quant.gptq", "pgolf.quant.artifact", "pgolf.model.gpt", "pgolf.runtime", "pgolf.eval.ttt"} <= set(modules)
+    assert not any(m.endswith(".cli") or m in ("pgolf.singlefile", "pgolf.data.build") for m in modules)
+    for packed in (True, False):
+        cfg.quant.packed_code = packed
+        source = build_bundle_source(to_toml(cfg), bundle_title(cfg.preset), packed=packed)
+        assert code_bytes(cfg) == len(source.encode("utf-8"))
+    cfg.quant.packed_code = True
+    packed_size = code_bytes(cfg)
+    cfg.quant.packed_code = False
+    assert packed_size < code_bytes(cfg) / 2
 
 
 def test_quant_reserve_seconds(tmp_path):

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError) as err:  # BundleError, ShardError, ... are ValueErrors
         # Expected user errors (bad key, bad file, bad data) get one clear line, not a traceback.
         print(f"pgolf: error: {err}", file=sys.stderr)
         return 2

@@ -117,6 +117,7 @@ class QuantConfig:
     compressor: str = "brotli"  # COMPRESSOR: brotli | lzma | zstd | zlib
     shuffle: str = "bshf2"  # byte shuffle before compression: bshf2 (records) | planes (fp16 arrays) | none
     cap_bytes: int = 16_000_000  # code + artifact must fit (decimal bytes)
+    packed_code: bool = True  # count (and bundle) train_gpt.py in the lzma+base85 self-extracting form
 
 
 @dataclass

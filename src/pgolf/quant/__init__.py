@@ -12,7 +12,7 @@ from pgolf.quant.artifact import (
     read_artifact,
     write_artifact,
 )
-from pgolf.quant.budget import code_bytes, code_files, estimate_quant_seconds, quant_reserve_seconds
+from pgolf.quant.budget import code_bytes, estimate_quant_seconds, quant_reserve_seconds
 from pgolf.quant.gptq import (
     dequantize,
     gptq_quantize,
@@ -39,7 +39,6 @@ __all__ = [
     "TensorPlan",
     "calibration_batches",
     "code_bytes",
-    "code_files",
     "collect_hessians",
     "collect_run_hessians",
     "decode_artifact",

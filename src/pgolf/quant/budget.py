@@ -1,27 +1,17 @@
 """Size accounting against the cap (SPEC §4.7) and the time reserved for quantization inside training.
 
-Code bytes (until the bundler exists): the UTF-8 bytes of every pgolf source file that training and
-evaluation import. The set is the static transitive closure of `import pgolf...` / `from pgolf... import`
-statements (module-level and function-level alike, so lazy imports count) starting from the entry
-packages pgolf.train, pgolf.quant and pgolf.eval, plus every parent package `__init__.py` Python runs on
-the way; command-line modules (`*.cli`, `pgolf.cli`) and `pgolf.submit` are excluded, and so is
-everything outside src/pgolf (benchmarks, tests).
+Code bytes: the exact size of the single-file `train_gpt.py` the bundler emits for the run's config (see
+pgolf.singlefile: the import closure of the record entry point, embedded; packed per quant.packed_code).
 """
 
 from __future__ import annotations
 
-import ast
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-import pgolf
 from pgolf.config.schema import RunConfig
-
-PACKAGE_ROOT = Path(pgolf.__file__).resolve().parent
-ENTRY_MODULES = ("pgolf.train", "pgolf.quant", "pgolf.eval")
 
 # Modelled costs, calibrated on this project's 2-core CPU (torch 2.13) with other jobs running: the full
 # pr1541 GPTQ (66 matrices + 8192x512 embedding) took 68 s of CPU time (190 s wall at load average 6);
@@ -34,63 +24,14 @@ RESERVE_SAFETY = 1.5
 RESERVE_FIXED_SECONDS = 2.0
 
 
-def _excluded(module: str) -> bool:
-    return module == "pgolf.cli" or module.endswith(".cli") or module.startswith("pgolf.submit")
+def code_bytes(cfg: RunConfig) -> int:
+    """Exact bytes of the single-file `train_gpt.py` that `pgolf bundle` emits for this config (packed or not
+    per quant.packed_code): the code a submission really carries, counted the way SPEC §4.7 counts it."""
+    from pgolf.config import to_toml
+    from pgolf.singlefile import build_bundle_source, bundle_title
 
-
-def _module_file(module: str) -> Path | None:
-    path = PACKAGE_ROOT.joinpath(*module.split(".")[1:])
-    if (path / "__init__.py").is_file():
-        return path / "__init__.py"
-    if path.with_suffix(".py").is_file():
-        return path.with_suffix(".py")
-    return None
-
-
-def _imports(module: str, file: Path) -> set[str]:
-    """pgolf modules named by the import statements of one file (candidates; non-modules drop out later)."""
-    tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
-    package = module if file.name == "__init__.py" else module.rsplit(".", 1)[0]
-    found: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.split(".")[0] == "pgolf")
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base_parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(base_parts + ([node.module] if node.module else []))
-            else:
-                base = node.module or ""
-            if base.split(".")[0] != "pgolf":
-                continue
-            found.add(base)
-            found.update(f"{base}.{a.name}" for a in node.names)
-    return found
-
-
-def code_files(entries: tuple[str, ...] = ENTRY_MODULES) -> list[Path]:
-    """The source files counted as code bytes (see the module docstring), sorted."""
-    seen: set[str] = set()
-    files: set[Path] = set()
-    todo = list(entries)
-    while todo:
-        module = todo.pop()
-        if module in seen or _excluded(module):
-            continue
-        seen.add(module)
-        file = _module_file(module)
-        if file is None:
-            continue
-        files.add(file)
-        parts = module.split(".")
-        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))  # parent packages run first
-        todo.extend(_imports(module, file))
-    return sorted(files)
-
-
-def code_bytes(entries: tuple[str, ...] = ENTRY_MODULES) -> int:
-    """UTF-8 bytes of the counted source files (file sizes: the files are UTF-8 text)."""
-    return sum(f.stat().st_size for f in code_files(entries))
+    source = build_bundle_source(to_toml(cfg), bundle_title(cfg.preset), packed=cfg.quant.packed_code)
+    return len(source.encode("utf-8"))
 
 
 @dataclass(frozen=True)

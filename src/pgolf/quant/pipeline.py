@@ -18,7 +18,8 @@ from pgolf.config import RunConfig, load_run_config, validate
 from pgolf.config.overrides import apply_sets
 from pgolf.fileio import atomic_write_bytes, atomic_write_json
 from pgolf.quant.artifact import ArtifactError, encode_artifact, read_artifact
-from pgolf.quant.budget import SizeReport, code_bytes
+from pgolf.quant.budget import SizeReport
+from pgolf.quant.budget import code_bytes as bundle_code_bytes
 from pgolf.quant.hessian import collect_run_hessians
 from pgolf.quant.scheme import QuantizedTensor, dequantize_state_dict, quantize_state_dict
 
@@ -71,8 +72,16 @@ def class_table(
     return table
 
 
-def quantize_run(run_dir: str | Path, sets: list[str] | None = None, verbose: bool = True) -> dict[str, Any]:
-    """Quantize a trained run directory; returns the quant.json dict (see the module docstring)."""
+def quantize_run(
+    run_dir: str | Path,
+    sets: list[str] | None = None,
+    verbose: bool = True,
+    code_bytes: int | None = None,
+) -> dict[str, Any]:
+    """Quantize a trained run directory; returns the quant.json dict (see the module docstring).
+
+    `code_bytes`: the size of the code that ships with the artifact when known (a bundled train_gpt.py
+    passes its own size); otherwise the size of the bundle `pgolf bundle` would emit for this config."""
     from pgolf.model import param_role
     from pgolf.runtime import init_distributed
 
@@ -101,7 +110,8 @@ def quantize_run(run_dir: str | Path, sets: list[str] | None = None, verbose: bo
     t0 = time.perf_counter()
     blob, frame_bytes = encode_artifact(qtensors, q.compressor, q.shuffle, meta)
     compress_seconds = time.perf_counter() - t0
-    size = SizeReport(len(blob), code_bytes(), q.cap_bytes)
+    code = bundle_code_bytes(cfg) if code_bytes is None else code_bytes
+    size = SizeReport(len(blob), code, q.cap_bytes)
     report: dict[str, Any] = {
         "artifact_bytes": size.artifact_bytes,
         "code_bytes": size.code_bytes,

@@ -94,7 +94,65 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_stats, _add_report]
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    from pgolf.config.cli import add_config_arguments
+
+    p = sub.add_parser("run", help="train -> quantize -> evaluate a preset; writes summary.json")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--data", help="data folder (shards + tokenizer.model); sets data.dir")
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+    p.add_argument("--seeds", help="comma list: one run per seed in RUN_DIR/seed_N, then their statistics")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    add_config_arguments(p)
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pgolf.config import resolve
+    from pgolf.submit.pipeline import run_pipeline, seed_configs
+
+    sets = list(args.sets) + ([f"data.dir={args.data}"] if args.data else [])
+    cfg = resolve(args.preset, args.config, sets=sets)
+    if not args.seeds:
+        run_pipeline(cfg, args.out, resume=args.resume)
+        return 0
+    from pgolf.submit import stats
+
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    dirs = [Path(args.out) / f"seed_{s}" for s in seeds]
+    for c, d in zip(seed_configs(cfg, seeds), dirs):
+        run_pipeline(c, d, resume=args.resume and (d / "checkpoint.pt").is_file())
+    if len(dirs) > 1:
+        print(stats.format_stats([stats.load_score(d) for d in dirs], None, None))
+    return 0
+
+
+def _add_bundle(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bundle", help="emit the record folder (single-file train_gpt.py, README, logs)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, metavar="RECORD_DIR")
+    p.add_argument(
+        "--packed",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="lzma+base85 self-extracting train_gpt.py (default: quant.packed_code of the run)",
+    )
+    p.set_defaults(func=_bundle)
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    from pgolf.submit.bundle import bundle_run
+
+    bundle_run(args.run_dir, args.out, args.packed)
+    return 0
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_stats,
+    _add_report,
+    _add_run,
+    _add_bundle,
+]
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,157 @@
+"""Eval throughput on the real val split with a cpu-golf-shaped model.
+
+Prints tokens/s and seconds of non-overlapping, sliding (stride 64) and score-first TTT eval on the first
+--eval-tokens val tokens, sliding tokens/s batched (eval.batch_seqs windows per forward) vs one window per
+forward, and the n-gram hint precompute tokens/s on the whole val stream. Targets: hint precompute
+>= 1,000,000 tokens/s on one core; batched sliding >= 2x the unbatched tokens/s.
+
+  python benchmarks/eval.py [RUN_DIR] [--quick] [--parts hints,nonoverlap,sliding,ttt,unbatched]
+Without RUN_DIR the model is a randomly initialised GPT of the cpu-golf preset (throughput does not depend
+on the weights) and the val split is tokenized from --data with the preset's tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pgolf.config import load_run_config, preset
+from pgolf.data.build import encode_documents, iter_documents
+from pgolf.data.bytes import build_byte_tables, load_tokenizer
+from pgolf.eval.ngram import HintParams, compute_hints
+from pgolf.eval.run_eval import load_eval_data, load_quant_model
+from pgolf.eval.score import eval_nonoverlap, eval_sliding
+from pgolf.eval.ttt import eval_ttt
+
+PARTS = ("hints", "nonoverlap", "sliding", "ttt", "unbatched")
+
+
+def val_from_jsonl(data: Path, tokenizer: Path, vocab: int, max_docs: int) -> tuple[torch.Tensor, object]:
+    sp = load_tokenizer(tokenizer, vocab)
+    docs = list(iter_documents([data / "val" / "val_000.jsonl.gz"]))
+    if max_docs:
+        docs = docs[:max_docs]
+    tokens = torch.from_numpy(encode_documents(sp, docs).astype(np.int64))
+    return tokens, build_byte_tables(sp, vocab)
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "run_dir", nargs="?", help="a run directory (its artifact and val data); default: random model"
+    )
+    ap.add_argument(
+        "--data", default="/work/shared/data", help="corpus folder (val/val_000.jsonl.gz, tokenizers/)"
+    )
+    ap.add_argument("--quick", action="store_true", help="a few thousand tokens, seconds in all")
+    ap.add_argument("--eval-tokens", type=int, default=65_536, help="val tokens for the model evals")
+    ap.add_argument(
+        "--unbatched-tokens", type=int, default=16_384, help="val tokens for batched vs unbatched"
+    )
+    ap.add_argument("--stride", type=int, default=64)
+    ap.add_argument("--table-bits", type=int, default=0, help="n-gram table bits (0 = the config's)")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {PARTS}")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    args = ap.parse_args()
+    parts = [p for p in args.parts.split(",") if p]
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        ap.error(f"unknown parts {bad}; expected {PARTS}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.eval_tokens, args.unbatched_tokens = 1_024, 1_024
+
+    if args.run_dir:
+        cfg = load_run_config(args.run_dir)
+        tokens, tables = load_eval_data(cfg)
+    else:
+        cfg = preset("cpu-golf")
+        tok_path = Path(args.data) / "tokenizers" / "corpus_1024_bpe.model"
+        tokens, tables = val_from_jsonl(
+            Path(args.data), tok_path, cfg.model.vocab_size, 40 if args.quick else 0
+        )
+    e, device = cfg.eval, torch.device("cpu")
+    if args.table_bits:
+        e.ngram_table_bits = args.table_bits
+    print(
+        f"val stream {tokens.numel():,} tokens; preset {cfg.preset}; torch threads {torch.get_num_threads()}"
+    )
+    rows: list[tuple[str, int, float]] = []
+
+    if "hints" in parts:
+        prm = HintParams.from_config(e)
+        compute_hints(tokens[:1000].numpy(), prm, quiet=True)  # numba load/compile outside the timing
+        _, sec = timed(lambda: compute_hints(tokens.numpy(), prm))
+        rows.append(
+            (f"n-gram hint precompute (orders {prm.orders}, 2^{prm.table_bits})", tokens.numel(), sec)
+        )
+
+    model_parts = [p for p in parts if p != "hints"]
+    if model_parts:
+        if args.run_dir:
+            model = load_quant_model(Path(args.run_dir), cfg, device)
+        else:
+            from pgolf.model import GPT
+
+            model = GPT(cfg.model).eval()
+            model.set_looping(cfg.model.num_loops > 0)
+        sub = tokens[: args.eval_tokens + 1]
+        kw = dict(device=device, autocast_mode=cfg.train.autocast)
+        n = sub.numel() - 1
+        if "nonoverlap" in parts:
+            _, sec = timed(
+                lambda: eval_nonoverlap(model, sub, tables, seq_len=e.seq_len, batch_seqs=e.batch_seqs, **kw)
+            )
+            rows.append((f"non-overlapping (seq {e.seq_len}, batch {e.batch_seqs})", n, sec))
+        if "sliding" in parts:
+            _, sec = timed(
+                lambda: eval_sliding(
+                    model, sub, tables, seq_len=e.seq_len, stride=args.stride, batch_seqs=e.batch_seqs, **kw
+                )
+            )
+            rows.append((f"sliding (stride {args.stride}, batch {e.batch_seqs})", n, sec))
+        if "ttt" in parts:
+            e.stride = args.stride
+            # at least 4 chunks in the measured slice, so the timing includes training
+            e.ttt_chunk_tokens = min(e.ttt_chunk_tokens, max(e.stride, n // 4 // e.stride * e.stride))
+            _, sec = timed(lambda: eval_ttt(model, sub, tables, e, **kw))
+            rows.append(
+                (f"TTT (stride {e.stride}, chunk {e.ttt_chunk_tokens}, {e.ttt_epochs} epoch)", n, sec)
+            )
+        if "unbatched" in parts:
+            small = tokens[: args.unbatched_tokens + 1]
+            m = small.numel() - 1
+            for batch in (e.batch_seqs, 1):
+                _, sec = timed(
+                    lambda b=batch: eval_sliding(
+                        model, small, tables, seq_len=e.seq_len, stride=args.stride, batch_seqs=b, **kw
+                    )
+                )
+                rows.append((f"sliding stride {args.stride}, {batch} window(s) per forward", m, sec))
+
+    print(f"\n{'measurement':62s} {'tokens':>10s} {'seconds':>9s} {'tokens/s':>12s}")
+    for name, count, sec in rows:
+        print(f"{name:62s} {count:10,d} {sec:9.2f} {count / sec:12,.0f}")
+    speeds = {name: count / sec for name, count, sec in rows}
+    hint = [v for k, v in speeds.items() if k.startswith("n-gram")]
+    if hint:
+        print(f"\nhint precompute {hint[0]:,.0f} tokens/s (target >= 1,000,000 on one core)")
+    batched = [v for k, v in speeds.items() if k.startswith("sliding stride") and "1 window" not in k]
+    single = [v for k, v in speeds.items() if "1 window(s)" in k]
+    if batched and single:
+        print(f"batched sliding / unbatched = {batched[0] / single[0]:.2f}x (target >= 2x)")
+
+
+if __name__ == "__main__":
+    main()

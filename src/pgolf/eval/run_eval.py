@@ -1,0 +1,232 @@
+"""`evaluate_run(run_dir)`: the eval plan of a run (SPEC §5.1) under the eval time budget, into eval.json.
+
+Modes: prequant (RUN_DIR/model.pt, non-overlapping windows), quant (the artifact, non-overlapping),
+sliding (artifact, stride), ttt (artifact, score-first TTT over sliding windows), ngram (the causal n-gram
+tilt applied inside the final scoring pass: the TTT pass when ttt is in the plan, else a sliding pass).
+The tilt never changes what TTT trains on, so the pass that carries it measures the untilted mode too:
+one TTT pass yields both `ttt` and `ngram` (ngram's seconds = that pass + the hint precompute).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pgolf.config import RunConfig, load_run_config
+from pgolf.config.overrides import ConfigError, apply_sets
+from pgolf.config.schema import EVAL_MODES
+from pgolf.data.bytes import BpbResult, ByteTables, build_byte_tables, load_tokenizer
+from pgolf.data.val import load_val_tokens
+from pgolf.eval.ngram import NgramTilt, build_tilt
+from pgolf.eval.score import Budget, EvalBudgetExceeded, EvalTrace, eval_nonoverlap, eval_sliding
+from pgolf.eval.ttt import eval_ttt
+from pgolf.fileio import atomic_write_json
+from pgolf.runtime import DistInfo, init_distributed, use_compile
+
+EVAL_FILE = "eval.json"
+
+
+def tokenizer_path(cfg: RunConfig) -> Path:
+    """data.tokenizer, or DIR/tokenizer.model when it is empty."""
+    return Path(cfg.data.tokenizer) if cfg.data.tokenizer else Path(cfg.data.dir) / "tokenizer.model"
+
+
+def load_eval_data(cfg: RunConfig) -> tuple[torch.Tensor, ByteTables]:
+    """The val stream (data.dir, eval.seq_len, data.max_val_tokens) and the byte tables of its tokenizer."""
+    if not cfg.data.dir:
+        raise ConfigError("data.dir is empty: set it to the folder holding fineweb_val_*.bin")
+    tokens = load_val_tokens(cfg.data.dir, cfg.eval.seq_len, cfg.data.max_val_tokens)
+    if int(tokens.max()) >= cfg.model.vocab_size:
+        raise ValueError(
+            f"{cfg.data.dir}: val token id {int(tokens.max())} >= model.vocab_size={cfg.model.vocab_size}"
+        )
+    sp = load_tokenizer(tokenizer_path(cfg), cfg.model.vocab_size)
+    return tokens, build_byte_tables(sp, cfg.model.vocab_size)
+
+
+def eval_looping(run_dir: Path, cfg: RunConfig) -> bool:
+    """Depth recurrence at eval: on when the config loops and training switched it on (train.json)."""
+    if cfg.model.num_loops <= 0:
+        return False
+    path = run_dir / "train.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8")).get("looping_enabled_at_step") is not None
+    return True
+
+
+def load_prequant_model(run_dir: Path, cfg: RunConfig, device: torch.device) -> torch.nn.Module:
+    """GPT(cfg.model) with RUN_DIR/model.pt (a plain state_dict)."""
+    from pgolf.model import GPT
+
+    path = run_dir / "model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (the 'prequant' mode needs the trained weights)")
+    model = GPT(cfg.model)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.set_looping(eval_looping(run_dir, cfg))
+    return model.to(device).eval()
+
+
+def load_quant_model(run_dir: Path, cfg: RunConfig, device: torch.device) -> torch.nn.Module:
+    """The dequantized artifact RUN_DIR/model.ptz."""
+    from pgolf.quant.pipeline import load_artifact_model
+
+    path = run_dir / "model.ptz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (the quant/sliding/ttt modes need the artifact)")
+    model = load_artifact_model(path, cfg)
+    model.set_looping(eval_looping(run_dir, cfg))
+    return model.to(device).eval()
+
+
+@dataclass
+class Pass:
+    """One scoring pass and the modes it reports: (plain mode or None, tilted mode or None)."""
+
+    kind: str  # prequant | quant | sliding | ttt
+    plain: str | None
+    tilted: str | None = None
+
+
+def plan_passes(plan: list[str]) -> list[Pass]:
+    """The passes a plan needs, in execution order; ngram rides on the ttt pass, else on a sliding pass."""
+    bad = [m for m in plan if m not in EVAL_MODES]
+    if bad:
+        raise ConfigError(f"unknown eval modes {bad}; expected a subset of {', '.join(EVAL_MODES)}")
+    ngram = "ngram" in plan
+    passes = [Pass(m, m) for m in ("prequant", "quant") if m in plan]
+    if "sliding" in plan or (ngram and "ttt" not in plan):
+        tilted = "ngram" if ngram and "ttt" not in plan else None
+        passes.append(Pass("sliding", "sliding" if "sliding" in plan else None, tilted))
+    if "ttt" in plan:
+        passes.append(Pass("ttt", "ttt", "ngram" if ngram else None))
+    return passes
+
+
+@dataclass
+class EvalContext:
+    run_dir: Path
+    cfg: RunConfig
+    info: DistInfo
+    tokens: torch.Tensor
+    tables: ByteTables
+    budget: Budget
+    trace: EvalTrace | None = None
+    models: dict[str, torch.nn.Module] = field(default_factory=dict)
+
+    def model(self, kind: str) -> torch.nn.Module:
+        key = "prequant" if kind == "prequant" else "quant"
+        if key not in self.models:
+            loader = load_prequant_model if key == "prequant" else load_quant_model
+            self.models[key] = loader(self.run_dir, self.cfg, self.info.device)
+        return self.models[key]
+
+
+def run_pass(
+    ctx: EvalContext, p: Pass, tilt: NgramTilt | None = None, tokens: torch.Tensor | None = None
+) -> tuple[BpbResult, BpbResult | None]:
+    """Score one pass; `tokens` defaults to the context's val stream (the legality checks pass others)."""
+    e, device = ctx.cfg.eval, ctx.info.device
+    tokens = ctx.tokens if tokens is None else tokens
+    common = dict(
+        device=device,
+        autocast_mode=ctx.cfg.train.autocast,
+        trace=ctx.trace,
+        budget=ctx.budget,
+        compile=use_compile(ctx.cfg.train.compile, device),
+    )
+    model = ctx.model(p.kind)
+    if p.kind in ("prequant", "quant"):
+        res = eval_nonoverlap(model, tokens, ctx.tables, seq_len=e.seq_len, batch_seqs=e.batch_seqs, **common)
+        return res, None
+    if p.kind == "sliding":
+        return eval_sliding(
+            model,
+            tokens,
+            ctx.tables,
+            seq_len=e.seq_len,
+            stride=e.stride,
+            batch_seqs=e.batch_seqs,
+            nll_transform=tilt,
+            **common,
+        )
+    return eval_ttt(model, tokens, ctx.tables, e, nll_transform=tilt, **common)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _record(results: dict, mode: str, res: BpbResult, seconds: float, main: bool) -> None:
+    results[mode] = {"mode": mode, **res.to_dict(), "seconds": round(seconds, 3)}
+    if main:
+        print(
+            f"eval {mode:9s} loss {res.loss:.5f}  bpb {res.bpb:.5f}  tokens {res.tokens:,}  "
+            f"bytes {res.bytes:,}  {seconds:.1f} s",
+            flush=True,
+        )
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    modes: list[str] | None = None,
+    budget_seconds: float | None = None,
+    sets: list[str] | None = None,
+) -> dict:
+    """Run the eval plan (modes, default cfg.eval.plan) of RUN_DIR and write RUN_DIR/eval.json.
+
+    The budget (budget_seconds, default cfg.eval.time_budget_seconds; <= 0 = none) covers every mode
+    together: a warning at 90%, a clean stop at 100% keeping the modes already measured (stopped_early).
+    eval.json holds this invocation's results only.
+    """
+    start = time.monotonic()
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    apply_sets(cfg, sets or [])
+    plan = list(modes) if modes else list(cfg.eval.plan)
+    passes = plan_passes(plan)
+    info = init_distributed(cfg.train.device)
+    tokens, tables = load_eval_data(cfg)
+    budget_s = cfg.eval.time_budget_seconds if budget_seconds is None else budget_seconds
+    ctx = EvalContext(run_dir, cfg, info, tokens, tables, Budget(budget_s, start))
+    if info.is_main:
+        print(f"eval {run_dir}: plan {plan}, {tokens.numel() - 1:,} targets, world {info.world_size}")
+
+    results: dict[str, dict] = {}
+    stopped_early = False
+    try:
+        for p in passes:
+            ctx.budget.check()
+            tilt, hint_seconds = None, 0.0
+            if p.tilted is not None:
+                tilt, hint_seconds = build_tilt(tokens, cfg.eval)
+                if info.is_main:
+                    print(f"ngram hints: {100 * tilt.coverage:.1f}% of positions, {hint_seconds:.1f} s")
+            t0 = time.monotonic()
+            plain, tilted = run_pass(ctx, p, tilt)
+            _sync(info.device)
+            seconds = time.monotonic() - t0
+            if p.plain is not None:
+                _record(results, p.plain, plain, seconds, info.is_main)
+            if p.tilted is not None:
+                _record(results, p.tilted, tilted, seconds + hint_seconds, info.is_main)
+    except EvalBudgetExceeded as err:
+        stopped_early = True
+        if info.is_main:
+            print(f"eval stopped early: {err}; keeping {len(results)} finished mode(s)")
+
+    out = {
+        "results": [results[m] for m in plan if m in results],
+        "eval_seconds": round(time.monotonic() - start, 3),
+        "budget_seconds": budget_s if budget_s and budget_s > 0 else None,
+        "stopped_early": stopped_early,
+    }
+    if info.is_main:
+        atomic_write_json(run_dir / EVAL_FILE, out)
+        print(f"eval done in {out['eval_seconds']:.1f} s -> {run_dir / EVAL_FILE}")
+    return out

@@ -1,0 +1,40 @@
+"""Entry point of a bundled `train_gpt.py`: the embedded config, the record env vars, then the pipeline.
+
+Run as the record scripts are: `torchrun --standalone --nproc_per_node=8 train_gpt.py` with DATA_DIR (the
+records' data root), SEED, RUN_ID and any knob of SPEC §7 in the environment. Code bytes are the size of the
+executed file itself (SPEC §4.7), so the printed total is exactly what the submission weighs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+from pgolf.config import from_dict, validate
+from pgolf.config.env import apply_env
+from pgolf.config.overrides import tomllib
+from pgolf.submit.pipeline import run_pipeline
+
+
+def _script_bytes() -> int:
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None) or sys.argv[0]
+    return Path(path).stat().st_size
+
+
+def main(config_toml: str) -> int:
+    cfg = from_dict(tomllib.loads(config_toml), "embedded config")
+    apply_env(cfg, os.environ)
+    validate(cfg)
+    run_id = os.environ.get("RUN_ID") or uuid.uuid4().hex[:8]
+    run_dir = Path(os.environ.get("RUN_DIR") or Path("runs") / run_id)
+    summary = run_pipeline(cfg, run_dir, code_bytes=_script_bytes())
+    if summary:
+        print(f"final val_loss:{summary['val_loss']:.8f} val_bpb:{summary['val_bpb']:.8f}")
+        print(
+            f"Total submission size: {summary['total_bytes']} bytes "
+            f"(artifact {summary['artifact_bytes']} + code {summary['code_bytes']}; cap {summary['cap_bytes']})"
+        )
+    return 0

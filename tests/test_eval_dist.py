@@ -1,0 +1,80 @@
+"""2-process gloo sliding eval and TTT give the 1-process results (windows and TTT sequences split by rank)."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from test_eval_common import single_thread, tiny_eval_cfg, tiny_model, tiny_stream, tiny_tables  # noqa: F401
+
+pytestmark = pytest.mark.distributed
+
+N_TOKENS = 301
+CFG = dict(ttt_lr=0.3, ttt_epochs=2, ttt_chunk_tokens=96, ttt_batch_seqs=1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_modes() -> dict:
+    from pgolf.eval.score import Budget, eval_sliding
+    from pgolf.eval.ttt import eval_ttt
+
+    model, tables, toks = tiny_model(), tiny_tables(), tiny_stream(N_TOKENS)
+    cfg = tiny_eval_cfg(**CFG)
+    # a budget makes every batch step a collective check: ranks with unequal window shares must still
+    # issue the same number of them (a mismatch would hang until the timeout)
+    budget = Budget(3600.0)
+    # 35 windows: shares of 18 and 17, i.e. 2 and 1 batches of 17 (TTT's first chunk: 5 and 4 windows, batch 4)
+    slid, _ = eval_sliding(
+        model, toks, tables, seq_len=32, stride=8, batch_seqs=17, autocast_mode="off", budget=budget
+    )
+    ttt, _ = eval_ttt(model, toks, tables, cfg, autocast_mode="off", budget=budget)
+    return {"sliding": slid.to_dict(), "ttt": ttt.to_dict()}
+
+
+def worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        res = run_modes()
+        if rank == 0:
+            Path(out).write_text(json.dumps(res))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_equals_one_process(tmp_path):
+    single = run_modes()
+    out = tmp_path / "res.json"
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, 2, port, str(out))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "distributed eval workers timed out"
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    double = json.loads(out.read_text())
+    for mode in ("sliding", "ttt"):
+        a, b = single[mode], double[mode]
+        assert (a["tokens"], a["bytes"]) == (b["tokens"], b["bytes"])
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-6), mode
+        assert math.isclose(a["bpb"], b["bpb"], rel_tol=1e-6), mode
+    assert single["ttt"]["loss"] != single["sliding"]["loss"]  # TTT did train

@@ -1,0 +1,124 @@
+"""`pgolf run` end to end, and the single-file bundle running with no pgolf installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pgolf.cli import main
+from pgolf.config import preset, to_toml
+from pgolf.singlefile import (
+    BundleError,
+    build_bundle_source,
+    bundle_title,
+    check_py310,
+    collect_modules,
+    unpack,
+)
+from pgolf.submit.pipeline import seed_configs
+from pgolf.submit.summary import SUMMARY_KEYS
+
+FAST = ["train.iterations=4", "train.val_every=0", "data.max_val_tokens=2048", "eval.batch_seqs=16"]
+
+HIDE_PGOLF = """import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__]
+sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("/src")]
+"""
+
+
+@pytest.fixture(scope="module")
+def smoke_run(sp8192_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("run") / "smoke"
+    args = ["run", "--preset", "smoke", "--data", str(sp8192_shards), "--out", str(run)]
+    for s in FAST:
+        args += ["--set", s]
+    assert main(args) == 0
+    return run
+
+
+def test_run_writes_the_summary_contract(smoke_run: Path):
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert list(summary) == list(SUMMARY_KEYS)
+    assert summary["preset"] == "smoke" and summary["steps"] == 4
+    assert summary["val_bpb"] == summary["ttt_bpb"]  # the smoke plan ends with TTT
+    assert summary["ngram_bpb"] is None
+    assert summary["total_bytes"] == summary["artifact_bytes"] + summary["code_bytes"]
+    for name in ("config.toml", "train.log", "model.pt", "model.ptz", "quant.json", "eval.json"):
+        assert (smoke_run / name).is_file(), name
+
+
+def test_bundle_record_folder_and_cap_refusal(smoke_run: Path, tmp_path: Path, capsys):
+    out = tmp_path / "record"
+    assert main(["bundle", str(smoke_run), "--out", str(out), "--packed"]) == 0
+    sub = json.loads((out / "submission.json").read_text())
+    code = (out / "train_gpt.py").stat().st_size
+    assert sub["bytes_code"] == code and sub["bytes_total"] == code + sub["bytes_model"]
+    assert {"README.md", "requirements.txt", "train.log", "eval.json"} <= {p.name for p in out.iterdir()}
+    check_py310(unpack((out / "train_gpt.py").read_text()), "payload")
+    tight = smoke_run.parent / "tight"
+    tight.mkdir()
+    for f in smoke_run.iterdir():
+        if f.is_file():
+            (tight / f.name).write_bytes(f.read_bytes())
+    toml = (tight / "config.toml").read_text().replace("cap_bytes = 16000000", "cap_bytes = 1000")
+    (tight / "config.toml").write_text(toml)
+    assert main(["bundle", str(tight), "--out", str(tmp_path / "refused")]) == 2
+    assert "exceeds the cap of 1,000" in capsys.readouterr().err
+    assert not (tmp_path / "refused" / "train_gpt.py").exists()
+
+
+def test_bundled_file_runs_without_pgolf(sp8192_shards: Path, tmp_path: Path):
+    cfg = preset("smoke")
+    for s in FAST:
+        key, value = s.split("=")
+        section, field = key.split(".")
+        setattr(getattr(cfg, section), field, type(getattr(getattr(cfg, section), field))(value))
+    script = tmp_path / "train_gpt.py"
+    script.write_text(build_bundle_source(to_toml(cfg), bundle_title("smoke"), packed=True))
+    data_root = tmp_path / "data"
+    (data_root / "datasets").mkdir(parents=True)
+    (data_root / "tokenizers").mkdir()
+    (data_root / "datasets" / "fineweb10B_sp8192").symlink_to(sp8192_shards)
+    (data_root / "tokenizers" / "fineweb_8192_bpe.model").write_bytes((sp8192_shards / "tokenizer.model").read_bytes())
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(HIDE_PGOLF)
+    env = dict(os.environ, PYTHONPATH=str(hide), DATA_DIR=str(data_root), RUN_DIR=str(tmp_path / "rr"))
+    probe = subprocess.run([sys.executable, "-c", "import pgolf"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "No module named 'pgolf'" in probe.stderr
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-2:]
+    assert last[0].startswith("final val_loss:") and "val_bpb:" in last[0]
+    size = script.stat().st_size
+    summary = json.loads((tmp_path / "rr" / "summary.json").read_text())
+    assert summary["code_bytes"] == size
+    assert last[1].startswith(f"Total submission size: {summary['artifact_bytes'] + size} bytes")
+
+
+def test_bundle_closure_excludes_tooling():
+    modules = collect_modules()
+    assert "pgolf.submit.record" in modules and "pgolf.train.loop" in modules
+    assert not {"pgolf.cli", "pgolf.singlefile", "pgolf.submit.bundle", "pgolf.submit.report"} & set(modules)
+    with pytest.raises(BundleError, match="does not exist"):
+        collect_modules("pgolf.no_such_module")
+
+
+def test_py310_check_rejects_pep701():
+    with pytest.raises(BundleError, match="not valid Python 3.10"):
+        check_py310('x = f"{"a"}"\n', "bad")
+
+
+def test_seed_configs_only_change_the_seed():
+    base = preset("smoke")
+    a, b = seed_configs(base, [1, 2])
+    assert (a.train.seed, b.train.seed, base.train.seed) == (1, 2, 1337)
+    a.train.seed = base.train.seed
+    assert to_toml(a) == to_toml(base)
