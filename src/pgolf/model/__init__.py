@@ -1,1 +1,26 @@
-"""pgolf.model stage."""
+"""pgolf.model: the GPT of the SP8192 record stack (SPEC §2) and the helpers other stages share.
+
+`GPT(cfg.model)`; `model(ids)` -> softcapped fp32 logits [B, T, V]; `model(ids, targets)` -> mean loss;
+`model.per_token_nll(ids, targets)` -> [B, T]; `model.set_looping(on)`; `recurrence_indices(cfg, looping)`;
+`param_role(name, tensor)` -> "embed" | "head" | "matrix" | "control".
+"""
+
+from pgolf.model.attention import resolve_backend
+from pgolf.model.gpt import (
+    CONTROL_NAMES,
+    GPT,
+    num_skip_connections,
+    param_role,
+    recurrence_indices,
+)
+from pgolf.model.layers import CastedLinear
+
+__all__ = [
+    "CONTROL_NAMES",
+    "GPT",
+    "CastedLinear",
+    "num_skip_connections",
+    "param_role",
+    "recurrence_indices",
+    "resolve_backend",
+]

@@ -1,0 +1,122 @@
+"""Causal self-attention of the SP8192 stack (SPEC §2.4): GQA, QK RMS-norm, partial RoPE, per-head q_gain,
+XSA, and the FlashAttention-3 / SDPA backend choice.
+
+Tensors inside this module use the [B, T, heads, head_dim] layout (FlashAttention-3's); SDPA gets a
+transposed view.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pgolf.config.schema import ModelConfig
+from pgolf.model.layers import CastedLinear
+
+try:  # FlashAttention-3 (Hopper wheels only); absent on CPU machines.
+    from flash_attn_interface import flash_attn_func  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_func = None
+
+# Sequences longer than this get an NTK-style rescale of the RoPE base (records: fixed 2048).
+ROPE_NTK_BASE_LEN = 2048
+
+
+def resolve_backend(requested: str, device_type: str) -> str:
+    """'flash' or 'sdpa' for an attention call: auto picks FA3 when importable and on CUDA."""
+    if requested == "sdpa":
+        return "sdpa"
+    if requested == "flash":
+        if flash_attn_func is None:
+            raise RuntimeError(
+                "model.attention_backend='flash' but flash_attn_interface (FlashAttention-3) is not "
+                "importable; install it or use attention_backend='auto' or 'sdpa'"
+            )
+        return "flash"
+    if requested == "auto":
+        return "flash" if flash_attn_func is not None and device_type == "cuda" else "sdpa"
+    raise ValueError(f"model.attention_backend={requested!r}; expected one of auto, flash, sdpa")
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
+    """Causal softmax attention, scale 1/sqrt(head_dim). q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D]."""
+    if backend == "flash":
+        out = flash_attn_func(q, k, v, causal=True)
+        # Some FA3 releases return (out, softmax_lse).
+        return out[0] if isinstance(out, tuple) else out
+    gqa = q.size(2) != k.size(2)
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=gqa
+    )
+    return y.transpose(1, 2)
+
+
+def rope_tables(seq_len: int, rot_dims: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos/sin [T, rot_dims/2] in fp32; base rescaled NTK-style when seq_len > ROPE_NTK_BASE_LEN."""
+    if seq_len > ROPE_NTK_BASE_LEN and rot_dims > 2:
+        base = base * (seq_len / ROPE_NTK_BASE_LEN) ** (rot_dims / (rot_dims - 2))
+    half = rot_dims // 2
+    inv_freq = 1.0 / base ** (torch.arange(half, device=device, dtype=torch.float32) * 2.0 / rot_dims)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first 2*cos.size(-1) dims of x [B,T,H,D] in the half-split layout; the rest pass through.
+
+    With a = x[..., :r/2], b = x[..., r/2:r]: a' = a·cos + b·sin, b' = −a·sin + b·cos.
+    """
+    half = cos.size(-1)
+    cos = cos[None, :, None, :].to(x.dtype)
+    sin = sin[None, :, None, :].to(x.dtype)
+    a, b, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat((a * cos + b * sin, b * cos - a * sin, rest), dim=-1)
+
+
+def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: remove from each head's output its component along the token's own value direction.
+
+    y [B,T,H,D] is grouped by KV head (GQA: H/Hkv query heads share one v); v [B,T,Hkv,D].
+    """
+    bsz, seq, heads, dim = y.shape
+    kv_heads = v.size(2)
+    y = y.view(bsz, seq, kv_heads, heads // kv_heads, dim)
+    v_dir = F.normalize(v, dim=-1).unsqueeze(3)
+    y = y - (y * v_dir).sum(dim=-1, keepdim=True) * v_dir
+    return y.view(bsz, seq, heads, dim)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, use_xsa: bool) -> None:
+        super().__init__()
+        dim, self.num_heads, self.num_kv_heads = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = dim // cfg.num_heads
+        self.rot_dims = cfg.rope_dims or self.head_dim  # 0 = rotate every head dim (baseline)
+        if self.rot_dims % 2 or self.rot_dims > self.head_dim:
+            raise ValueError(f"model.rope_dims={cfg.rope_dims} must be even and <= head_dim={self.head_dim}")
+        self.c_q = CastedLinear(dim, self.num_heads * self.head_dim)
+        self.c_k = CastedLinear(dim, self.num_kv_heads * self.head_dim)
+        self.c_v = CastedLinear(dim, self.num_kv_heads * self.head_dim)
+        self.proj = CastedLinear(self.num_heads * self.head_dim, dim)
+        self.q_gain = nn.Parameter(torch.full((self.num_heads,), float(cfg.qk_gain_init)))
+        self.qk_norm = cfg.qk_norm
+        self.use_xsa = use_xsa
+        self.backend = cfg.attention_backend
+        resolve_backend(self.backend, "cpu")  # fail at build time when 'flash' cannot be honoured
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        bsz, seq, _ = x.shape
+        q = self.c_q(x).view(bsz, seq, self.num_heads, self.head_dim)
+        k = self.c_k(x).view(bsz, seq, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x).view(bsz, seq, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q = F.rms_norm(q, (self.head_dim,))
+            k = F.rms_norm(k, (self.head_dim,))
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        y = causal_attention(q, k, v, resolve_backend(self.backend, x.device.type))
+        if self.use_xsa:
+            y = exclusive_self_attention(y, v)
+        return self.proj(y.reshape(bsz, seq, self.num_heads * self.head_dim))

@@ -1,0 +1,294 @@
+"""The GPT of the SP8192 record stack (SPEC §2), every element a ModelConfig switch.
+
+Forward: x0 = RMSNorm(tok_emb[ids]); run the encoder index list (each output kept as a skip), then the
+decoder list, where decoder position j < S first merges encoder output E−1−j (LIFO pairing, by explicit
+index) with skip_weights[j] / skip_gates[j]; final_norm; logits = h·Wᵀ (tied: W = tok_emb); softcap.
+Depth recurrence repeats physical blocks inside those lists (`recurrence_indices`). Lane-parallel layers
+carry two residual lanes (block.py); the lanes are combined (`parallel_final_lane`) wherever a single
+stream is needed: an encoder skip, a following sequential layer, the final norm.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pgolf.config.schema import ModelConfig
+from pgolf.model.attention import rope_tables
+from pgolf.model.block import LANE_MODES, Block
+from pgolf.model.layers import CastedLinear
+from pgolf.model.loss import fused_head_loss, head_nll, softcap_logits
+
+PARALLEL_MODES = ("none", "gptj", *LANE_MODES)
+FINAL_LANES = ("mlp", "attn", "mean")
+# Names of the small learnable tensors (AdamW "scalar" group, fp32, fp16 passthrough in the artifact).
+CONTROL_NAMES = (
+    "q_gain",
+    "attn_scale",
+    "mlp_scale",
+    "resid_mix",
+    "skip_weights",
+    "skip_gates",
+    "par_post",
+    "par_resid",
+)
+# Output projections start at zero so every block is the identity at init (SPEC §2.7).
+ZERO_INIT_LINEARS = ("attn.proj", "mlp.proj", "lm_head")
+
+LaneState = Tensor | tuple[Tensor, Tensor]
+
+
+def recurrence_indices(cfg: ModelConfig, looping: bool) -> tuple[list[int], list[int]]:
+    """(encoder, decoder) physical block indices of the virtual layer sequence (SPEC §2.5).
+
+    Looped: [0..LS−1] + [LS..LE]×(NUM_LOOPS+1) + [LE+1..L−1]; plain: [0..L−1]. The encoder is the first
+    ⌊len/2⌋ entries, the decoder the rest.
+    """
+    num_layers = cfg.num_layers
+    if looping and cfg.num_loops > 0:
+        start, end = cfg.loop_start, cfg.loop_end
+        if not 0 <= start <= end < num_layers:
+            raise ValueError(
+                f"model.loop_start={start}, model.loop_end={end} must satisfy "
+                f"0 <= loop_start <= loop_end < model.num_layers={num_layers}"
+            )
+        order = (
+            list(range(start))
+            + list(range(start, end + 1)) * (cfg.num_loops + 1)
+            + list(range(end + 1, num_layers))
+        )
+    else:
+        order = list(range(num_layers))
+    half = len(order) // 2
+    return order[:half], order[half:]
+
+
+def num_skip_connections(cfg: ModelConfig) -> int:
+    """S of the looped graph (the largest one): skip_weights / skip_gates rows."""
+    if not cfg.unet_skips:
+        return 0
+    enc, dec = recurrence_indices(cfg, looping=True)
+    return min(len(enc), len(dec))
+
+
+def _strip_wrappers(name: str) -> str:
+    for prefix in ("_orig_mod.", "module."):
+        while name.startswith(prefix):
+            name = name[len(prefix) :]
+    return name
+
+
+def param_role(name: str, p: Tensor) -> str:
+    """'embed' | 'head' | 'matrix' | 'control' for a GPT parameter (DDP/compile prefixes allowed).
+
+    The one place that decides optimizer groups and quantization classes: matrices are the 2-D block
+    weights (Muon, GPTQ int6), control tensors the small vectors (AdamW scalar group, fp16 passthrough).
+    """
+    name = _strip_wrappers(name)
+    if name == "tok_emb.weight":
+        return "embed"
+    if name == "lm_head.weight":
+        return "head"
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in CONTROL_NAMES:
+        return "control"
+    if name.startswith("blocks.") and leaf == "weight" and p.dim() == 2:
+        return "matrix"
+    return "control"
+
+
+def _check_config(cfg: ModelConfig) -> None:
+    if cfg.model_dim % cfg.num_heads:
+        raise ValueError(
+            f"model.model_dim={cfg.model_dim} must be divisible by model.num_heads={cfg.num_heads}"
+        )
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise ValueError(
+            f"model.num_heads={cfg.num_heads} must be a multiple of model.num_kv_heads={cfg.num_kv_heads}"
+        )
+    if cfg.parallel_mode not in PARALLEL_MODES:
+        raise ValueError(f"model.parallel_mode={cfg.parallel_mode!r}; expected one of {PARALLEL_MODES}")
+    if cfg.parallel_final_lane not in FINAL_LANES:
+        raise ValueError(
+            f"model.parallel_final_lane={cfg.parallel_final_lane!r}; expected one of {FINAL_LANES}"
+        )
+    if cfg.logit_softcap < 0:
+        raise ValueError(f"model.logit_softcap={cfg.logit_softcap} must be >= 0 (0 = off)")
+
+
+class RMSNorm(nn.Module):
+    """Weight-free RMS norm over the last dim (a module so a forward hook can read its output)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.size(-1),))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        _check_config(cfg)
+        self.cfg = cfg
+        dim, layers = cfg.model_dim, cfg.num_layers
+        self.tok_emb = nn.Embedding(cfg.vocab_size, dim)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(layers))
+        self.final_norm = RMSNorm()
+        skips = num_skip_connections(cfg)
+        self.skip_weights = nn.Parameter(torch.empty(skips, dim)) if skips else None
+        self.skip_gates = nn.Parameter(torch.empty(skips, dim)) if skips and cfg.skip_gates else None
+        lanes = cfg.parallel_mode in LANE_MODES
+        self.par_post = nn.Parameter(torch.empty(layers, 2, 2)) if lanes else None
+        self.par_resid = nn.Parameter(torch.empty(layers, 2)) if lanes else None
+        self.lm_head = None if cfg.tie_embeddings else CastedLinear(dim, cfg.vocab_size)
+        self.looping = False
+        self._orders = {flag: recurrence_indices(cfg, flag) for flag in (False, True)}
+        # Precision (SPEC §2.7): tok_emb holds bf16 master weights; everything else is fp32.
+        self.tok_emb.to(torch.bfloat16)
+        self.init_weights()
+
+    # ----------------------------------------------------------------------------- setup
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re-)initialise every parameter (SPEC §2.7); a no-op on the meta device.
+
+        After `to_empty(device=...)` of a meta-built model, call this to get real values.
+        """
+        if self.tok_emb.weight.is_meta:
+            return
+        cfg = self.cfg
+        nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.tied_embed_init_std)
+        for name, module in self.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            if name.endswith(ZERO_INIT_LINEARS):
+                nn.init.zeros_(module.weight)
+            elif min(module.weight.shape) >= 64:
+                nn.init.orthogonal_(module.weight, gain=1.0)
+            else:
+                module.reset_parameters()
+        for block in self.blocks:
+            block.attn.q_gain.fill_(cfg.qk_gain_init)
+            block.attn_scale.fill_(1.0)
+            block.mlp_scale.fill_(1.0)
+            if block.resid_mix is not None:
+                block.resid_mix[0].fill_(1.0)
+                block.resid_mix[1].fill_(0.0)
+        if self.skip_weights is not None:
+            self.skip_weights.fill_(1.0)
+        if self.skip_gates is not None:
+            self.skip_gates.fill_(0.0)  # σ(0) = 0.5
+        if self.par_post is not None:
+            self.par_post.fill_(1.0)
+            # #1541 shares the carry r0·r1 between lanes (init product 1.1); #1529 has one ρ per lane.
+            carry = 1.1 if cfg.parallel_mode == "lanes1529" else math.sqrt(1.1)
+            self.par_resid.fill_(carry)
+        # The records build the model in bf16 and restore fp32 masters afterwards: values are bf16-rounded.
+        for p in self.parameters():
+            p.copy_(p.to(torch.bfloat16))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def set_looping(self, on: bool) -> None:
+        """Switch depth recurrence on/off (training turns it on at ENABLE_LOOPING_AT; eval uses it)."""
+        self.looping = bool(on)
+
+    # ----------------------------------------------------------------------------- forward
+    def _single(self, state: LaneState) -> Tensor:
+        """The single residual stream; lanes are combined per parallel_final_lane."""
+        if isinstance(state, Tensor):
+            return state
+        lane0, lane1 = state
+        final = self.cfg.parallel_final_lane
+        if final == "mlp":
+            return lane1
+        if final == "attn":
+            return lane0
+        return 0.5 * (lane0 + lane1)
+
+    def _merge_skip(self, x: Tensor, skip: Tensor, pos: int) -> Tensor:
+        scaled = self.skip_weights[pos].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + scaled
+        gate = torch.sigmoid(self.skip_gates[pos].to(x.dtype))
+        return torch.lerp(scaled, x, gate)  # σ(g)·x + (1−σ(g))·w⊙skip
+
+    def _layer(
+        self,
+        idx: int,
+        state: LaneState,
+        x0: Tensor,
+        rope: tuple[Tensor, Tensor],
+        skip: Tensor | None,
+        pos: int,
+    ) -> LaneState:
+        """Run physical block idx at decoder position pos (skip = its paired encoder output, or None)."""
+        block = self.blocks[idx]
+        if block.lane_form is None:
+            x = self._single(state)
+            if skip is not None:
+                x = self._merge_skip(x, skip, pos)
+            return block(x, x0, rope)
+        if isinstance(state, Tensor):
+            # First lane layer: the skip is merged into x, then both lanes start from it.
+            x = self._merge_skip(state, skip, pos) if skip is not None else state
+            lane0, lane1 = x, x
+        else:
+            lane0, lane1 = state
+            if skip is not None:
+                lane0 = self._merge_skip(lane0, skip, pos)
+                if block.lane_form == "lanes1541":  # #1541: into both lanes; #1529: lane 0 only
+                    lane1 = self._merge_skip(lane1, skip, pos)
+        return block.forward_lanes(lane0, lane1, x0, rope, self.par_post[idx], self.par_resid[idx])
+
+    def hidden(self, ids: Tensor) -> Tensor:
+        """final_norm output [B, T, d]: the features the output head reads."""
+        if ids.dim() != 2:
+            raise ValueError(f"expected token ids [B, T]; got shape {tuple(ids.shape)}")
+        x = self.tok_emb(ids)
+        if not torch.is_autocast_enabled(ids.device.type):
+            # The bf16 storage of tok_emb must not pick the compute precision: without autocast the
+            # whole forward runs in the parameters' fp32 (CPUs without bf16 matmul units need this).
+            x = x.float()
+        x = F.rms_norm(x, (self.cfg.model_dim,))
+        x0 = x
+        head_dim = self.cfg.model_dim // self.cfg.num_heads
+        rope = rope_tables(ids.size(1), self.cfg.rope_dims or head_dim, self.cfg.rope_base, ids.device)
+        encoder, decoder = self._orders[self.looping]
+        state: LaneState = x
+        skips: list[Tensor] = []
+        for idx in encoder:
+            state = self._layer(idx, state, x0, rope, None, -1)
+            skips.append(self._single(state))
+        paired = min(len(encoder), len(decoder)) if self.skip_weights is not None else 0
+        for pos, idx in enumerate(decoder):
+            skip = skips[len(encoder) - 1 - pos] if pos < paired else None
+            state = self._layer(idx, state, x0, rope, skip, pos)
+        return self.final_norm(self._single(state))
+
+    def _head_weight(self) -> Tensor:
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, ids: Tensor, targets: Tensor | None = None) -> Tensor:
+        """Softcapped fp32 logits [B, T, V]; with targets, the fp32 mean cross-entropy (scalar)."""
+        h = self.hidden(ids)
+        if targets is None:
+            logits = F.linear(h, self._head_weight().to(h.dtype))
+            return softcap_logits(logits, self.cfg.logit_softcap)
+        if targets.shape != ids.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} must equal ids shape {tuple(ids.shape)}")
+        return fused_head_loss(
+            h.reshape(-1, h.size(-1)), self._head_weight(), targets.reshape(-1), self.cfg.logit_softcap
+        )
+
+    def per_token_nll(self, ids: Tensor, targets: Tensor) -> Tensor:
+        """fp32 NLL [B, T] of every target, computed in row chunks (eval never holds [B, T, V] logits)."""
+        if targets.shape != ids.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} must equal ids shape {tuple(ids.shape)}")
+        h = self.hidden(ids)
+        nll = head_nll(
+            h.reshape(-1, h.size(-1)), self._head_weight(), targets.reshape(-1), self.cfg.logit_softcap
+        )
+        return nll.view(ids.shape)
