@@ -92,7 +92,7 @@ def run_row(
 
     from pgolf.model import GPT
     from pgolf.optim import build_optimizers
-    from pgolf.runtime import DistInfo
+    from pgolf.runtime import DistInfo, resolve_precision
     from pgolf.train import EMA, TrainStep
 
     if threads:
@@ -101,6 +101,7 @@ def run_row(
     cfg.optim.muon_ns_dtype = ns_dtype
     torch.manual_seed(0)
     raw = GPT(cfg.model)
+    autocast = resolve_precision(autocast, torch.device("cpu"))
     if autocast == "off":
         raw.tok_emb.float()
     raw.set_looping(row.looping)
@@ -150,7 +151,7 @@ def in_fresh_process(fn, *args):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    ap.add_argument("--autocast", choices=("bf16", "off"), default="bf16")
+    ap.add_argument("--autocast", choices=("auto", "bf16", "off"), default="auto", help="auto: bf16 only where it is fast")
     ap.add_argument(
         "--ns-dtype",
         choices=("bf16", "fp32"),
@@ -177,7 +178,12 @@ def main() -> None:
         Row("pr1541-fwdbwd-unlooped", "pr1541", False, pr_tokens, pr_tokens, 1, fwd_bwd_only=True),
         Row("pr1541-fwdbwd-looped", "pr1541", True, pr_tokens, pr_tokens, 1, fwd_bwd_only=True),
     ]
-    dtype = "bf16" if args.autocast == "bf16" else "fp32"
+    import torch
+
+    from pgolf.runtime import resolve_precision
+
+    # MFU is against the peak of the precision the step really runs in (bf16 only where it is fast)
+    dtype = "bf16" if resolve_precision(args.autocast, torch.device("cpu")) == "bf16" else "fp32"
     ns_dtype = args.ns_dtype or dtype
     peak = in_fresh_process(matmul_peak, peak_n, dtype, args.threads, 0.5 if args.quick else 3.0)
     print(
