@@ -15,7 +15,7 @@ import torch.distributed as torch_dist
 from pgolf.config import RunConfig
 from pgolf.eval.run_eval import evaluate_run
 from pgolf.quant.budget import quant_reserve_seconds
-from pgolf.quant.pipeline import quantize_run
+from pgolf.quant.pipeline import OverCapError, quantize_run
 from pgolf.runtime import init_distributed
 from pgolf.submit.summary import format_summary, run_budgets, write_summary
 from pgolf.train.loop import train
@@ -43,16 +43,21 @@ def run_pipeline(
         )
     train(cfg, run_dir, resume=resume, quant_reserve_seconds=reserve)
     _barrier()
-    quantize_run(run_dir, verbose=verbose, code_bytes=code_bytes)
+    over_cap = None
+    try:
+        quantize_run(run_dir, verbose=verbose, code_bytes=code_bytes)
+    except OverCapError as err:
+        # No valid artifact: score only the unquantized weights (diagnostic), then report the failure.
+        over_cap = err
     _barrier()  # rank 0 wrote model.ptz; every rank evaluates it
-    evaluate_run(run_dir)
+    evaluate_run(run_dir, modes=["prequant"] if over_cap else None)
     _barrier()
-    if not dist.is_main:
-        return {}
-    summary = write_summary(run_dir)
-    if verbose:
+    summary = write_summary(run_dir) if dist.is_main else {}
+    if verbose and dist.is_main:
         train_budget, eval_budget = run_budgets(run_dir)
         print(format_summary(summary, train_budget, eval_budget))
+    if over_cap is not None:
+        raise over_cap
     return summary
 
 
