@@ -86,6 +86,15 @@ def sp1024_shards(test_data_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread: two OpenMP threads on a shared 2-core machine spin against each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def synthetic_shards(tmp_path: Path) -> Path:
     """Random-token shards (vocab 8192, BOS every ~200 tokens): 2 train shards of 40k, 1 val of 20k."""
     rng = np.random.default_rng(0)

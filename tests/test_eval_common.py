@@ -13,15 +13,6 @@ from pgolf.eval.score import nonoverlap_windows, rank_slice, sliding_windows, wi
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny matmuls run far faster on one thread than on two contended ones; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_model(seed: int = 0, vocab: int = VOCAB) -> torch.nn.Module:
     """A 2-layer pgolf GPT with every matrix randomised (zero-init projections too), so attention mixes
     positions and TTT has something to change."""

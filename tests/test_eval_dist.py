@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_eval_common import single_thread, tiny_eval_cfg, tiny_model, tiny_stream, tiny_tables  # noqa: F401
+from test_eval_common import tiny_eval_cfg, tiny_model, tiny_stream, tiny_tables  # noqa: F401
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("one_thread")]
 
 N_TOKENS = 301
 CFG = dict(ttt_lr=0.3, ttt_epochs=2, ttt_chunk_tokens=96, ttt_batch_seqs=1)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
-from test_eval_common import single_thread, tiny_eval_cfg, tiny_model, tiny_stream, tiny_tables  # noqa: F401
+from test_eval_common import tiny_eval_cfg, tiny_model, tiny_stream, tiny_tables  # noqa: F401
 
 from pgolf.config import EvalConfig
 from pgolf.eval.legality import format_table, run_checks
@@ -18,6 +19,8 @@ MODEL, TABLES = tiny_model(), tiny_tables()
 PRM = HintParams.from_config(
     EvalConfig(ngram_min_order=2, ngram_max_order=4, ngram_order_stride=1, ngram_table_bits=12)
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def stream() -> torch.Tensor:

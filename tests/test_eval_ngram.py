@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_eval_common import single_thread, tiny_eval_cfg, tiny_model, tiny_stream, tiny_tables  # noqa: F401
+from test_eval_common import tiny_eval_cfg, tiny_model, tiny_stream, tiny_tables  # noqa: F401
 
 from pgolf.config import EvalConfig
 from pgolf.data.val import load_val_tokens
@@ -21,6 +21,8 @@ from pgolf.eval.ngram import (
     select_hint,
 )
 from pgolf.eval.score import eval_sliding
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def params(**kw) -> HintParams:

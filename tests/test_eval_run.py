@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from test_eval_common import single_thread  # noqa: F401
 
 import pgolf.eval.run_eval as run_eval
 from pgolf.cli import main
@@ -15,6 +14,8 @@ from pgolf.config import preset, to_toml
 from pgolf.data.bytes import build_byte_tables, load_tokenizer
 from pgolf.data.val import load_val_tokens
 from pgolf.eval.run_eval import plan_passes
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_run(tmp_path, shards, plan) -> tuple:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
-from test_eval_common import single_thread, stream_totals, tiny_eval_cfg, tiny_model, tiny_stream, tiny_tables  # noqa: F401
+from test_eval_common import stream_totals, tiny_eval_cfg, tiny_model, tiny_stream, tiny_tables  # noqa: F401
 
 from pgolf.eval.score import EvalTrace, eval_nonoverlap, eval_sliding, sliding_windows
 from pgolf.eval.ttt import chunk_lr, eval_ttt, plan_chunks
 
 DEV = torch.device("cpu")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def direct_sliding_nll(model, tokens, seq, stride) -> float:

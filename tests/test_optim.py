@@ -14,13 +14,7 @@ from pgolf.optim import Muon, build_optimizers, newton_schulz, shape_scale, spli
 A, B, C = 3.4445, -4.7750, 2.0315
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two OpenMP threads on a shared 2-core machine spin against each other; one is several times faster.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ref_newton_schulz(u: torch.Tensor, steps: int = 5) -> torch.Tensor:

@@ -18,13 +18,7 @@ from pgolf.optim import Muon, build_optimizers
 from pgolf.runtime import DistInfo
 from pgolf.train import StepEvent, TrainStep, train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SHAPES = [(48, 32), (32, 48), (32, 32), (32, 48), (96, 32)]

@@ -8,17 +8,22 @@ import json
 from pgolf.config import resolve, to_dict, to_toml, unused_record_vars
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """The override chain shared by every command that builds a RunConfig."""
-    parser.add_argument("--config", help="TOML file overriding the preset")
+def add_set_argument(parser: argparse.ArgumentParser, help: str | None = None) -> None:
+    """`--set KEY=VALUE` (repeatable), collected into args.sets."""
     parser.add_argument(
         "--set",
         dest="sets",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one field, e.g. --set model.num_layers=6 (repeatable; wins over env vars)",
+        help=help or "override one field, e.g. --set model.num_layers=6 (repeatable; wins over env vars)",
     )
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The override chain shared by every command that builds a RunConfig."""
+    parser.add_argument("--config", help="TOML file overriding the preset")
+    add_set_argument(parser)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from pgolf.config.cli import add_set_argument
+
 MODE_FLAGS = ("prequant", "quant", "sliding", "ttt", "ngram")
 
 
 def _add_sets(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field of the run's config.toml, e.g. --set eval.stride=256 (repeatable)",
-    )
+    add_set_argument(parser, "override a field of the run's config.toml, e.g. --set eval.stride=256 (repeatable)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

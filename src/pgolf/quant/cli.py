@@ -5,18 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pgolf.config.cli import add_set_argument
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a trained run directory into its artifact (model.ptz)")
     p.add_argument("run_dir", help="run directory with config.toml and model.pt")
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field of the run's config, e.g. --set quant.matrix_clip_sigmas=14 (repeatable)",
-    )
+    add_set_argument(p, "override a field of the run's config, e.g. --set quant.matrix_clip_sigmas=14 (repeatable)")
     p.set_defaults(func=_quantize)
 
 
