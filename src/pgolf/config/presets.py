@@ -128,8 +128,11 @@ def cpu_golf() -> RunConfig:
     4,918 / 2,865 tok/s, ~2.3M tokens in 600 s, and its artifact is ~0.8 MB even with int8 matrices.
     Batch 8,192 tokens/step (16 x 512) doubles the step count (~280) at this token budget. Looping layers 1-2
     (x3 passes) from 50% of training (a looped step costs 1.7x), lanes in the last layer. Schedule scaled to
-    the steps a 600 s run makes: momentum warm-up over 25% of training, EMA only over the warmdown (decay
-    0.9667, a ~30-step horizon), so the exported weights are trained weights, not the init. Matrices int8
+    the steps a 600 s run makes: momentum warm-up over 25% of training. EMA off: measured on the real corpus
+    (241 steps, seed 1337), an EMA over the warmdown (decay 0.9667, ~30-step horizon, from 50% of training)
+    exported weights scoring 2.1908 bpb against 2.1855 for the live weights on the same 261,632 val tokens:
+    with a linear warmdown to 0 over a few hundred steps the live weights are already annealed and any
+    EMA lags a still-falling loss; the records' 0.997 would leave the export near the init. Matrices int8
     with k=20 (the cap leaves room; smaller quantization gap). Eval plan prequant + quant: one forward pass
     over the 2.08M-token val split takes ~3 min at this shape on 2 cores, so sliding windows (2x at stride
     256, and worth nothing at this loss level, SPEC §11) and TTT (scoring + a training pass, >10 min) do not
@@ -143,7 +146,7 @@ def cpu_golf() -> RunConfig:
     m.loop_start, m.loop_end, m.num_loops, m.enable_looping_at = 1, 2, 2, 0.5
     m.parallel_start = 3
     o.muon_momentum_warmup_frac = 0.25
-    o.ema_decay, o.ema_start_frac = 0.9667, 0.5
+    o.ema_decay = 0.0
     q.matrix_bits, q.matrix_clip_sigmas = 8, 20.0
     e.plan = ["prequant", "quant"]
     e.stride, e.ttt_chunk_tokens, e.ttt_epochs, e.ngram_table_bits = 256, 65_536, 1, 22
