@@ -9,7 +9,6 @@ one TTT pass yields both `ttt` and `ngram` (ngram's seconds = that pass + the hi
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from pgolf.eval.score import Budget, EvalBudgetExceeded, EvalTrace, eval_nonover
 from pgolf.eval.ttt import eval_ttt
 from pgolf.fileio import atomic_write_json
 from pgolf.runtime import DistInfo, init_distributed, use_compile
+from pgolf.train.loop import looping_after_training
 
 EVAL_FILE = "eval.json"
 
@@ -48,16 +48,6 @@ def load_eval_data(cfg: RunConfig) -> tuple[torch.Tensor, ByteTables]:
     return tokens, build_byte_tables(sp, cfg.model.vocab_size)
 
 
-def eval_looping(run_dir: Path, cfg: RunConfig) -> bool:
-    """Depth recurrence at eval: on when the config loops and training switched it on (train.json)."""
-    if cfg.model.num_loops <= 0:
-        return False
-    path = run_dir / "train.json"
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8")).get("looping_enabled_at_step") is not None
-    return True
-
-
 def load_prequant_model(run_dir: Path, cfg: RunConfig, device: torch.device) -> torch.nn.Module:
     """GPT(cfg.model) with RUN_DIR/model.pt (a plain state_dict)."""
     from pgolf.model import GPT
@@ -67,7 +57,7 @@ def load_prequant_model(run_dir: Path, cfg: RunConfig, device: torch.device) -> 
         raise FileNotFoundError(f"{path} not found (the 'prequant' mode needs the trained weights)")
     model = GPT(cfg.model)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    model.set_looping(eval_looping(run_dir, cfg))
+    model.set_looping(looping_after_training(run_dir, cfg))
     return model.to(device).eval()
 
 
@@ -79,7 +69,7 @@ def load_quant_model(run_dir: Path, cfg: RunConfig, device: torch.device) -> tor
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (the quant/sliding/ttt modes need the artifact)")
     model = load_artifact_model(path, cfg)
-    model.set_looping(eval_looping(run_dir, cfg))
+    model.set_looping(looping_after_training(run_dir, cfg))
     return model.to(device).eval()
 
 

@@ -93,9 +93,9 @@ def quantize_run(
     dist = init_distributed(cfg.train.device)
     model = load_trained_model(run_dir, cfg, dist.device)
 
-    from pgolf.eval.run_eval import eval_looping  # the one rule for the looping state eval will use
+    from pgolf.train.loop import looping_after_training  # the looping state eval will use too
 
-    hessians, hessian_seconds = collect_run_hessians(model, cfg, dist, eval_looping(run_dir, cfg))
+    hessians, hessian_seconds = collect_run_hessians(model, cfg, dist, looping_after_training(run_dir, cfg))
     t0 = time.perf_counter()
     qtensors = quantize_state_dict(model.state_dict(), hessians, cfg.quant, param_role, dist.device)
     gptq_seconds = time.perf_counter() - t0

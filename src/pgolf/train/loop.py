@@ -10,6 +10,7 @@ clock. At the end: final validation of the live weights, EMA copied in, model.pt
 from __future__ import annotations
 
 import copy
+import json
 import math
 import signal
 import threading
@@ -392,3 +393,14 @@ def _diverged(
             },
         )
     raise TrainingDiverged(message)
+
+
+def looping_after_training(run_dir: str | Path, cfg: RunConfig) -> bool:
+    """Depth recurrence of the exported model: on when the config loops and training switched it on
+    (train.json). The one rule calibration (quant) and evaluation both follow."""
+    if cfg.model.num_loops <= 0:
+        return False
+    path = Path(run_dir) / "train.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8")).get("looping_enabled_at_step") is not None
+    return True
