@@ -169,7 +169,9 @@ def test_wallclock_cap_stops_training(tiny_data, tmp_path):
     cfg = tiny_cfg(tiny_data, "train.iterations=100000", "train.max_wallclock_seconds=1.5")
     result = train(cfg, tmp_path / "run", quant_reserve_seconds=0.5)  # budget 1.0 s
     assert result["stopped_reason"] == "wallclock"
-    assert 1.0 <= result["train_seconds"] < 10.0 and 0 < result["steps"] < 100000
+    # stops before a step that would end past the 1.0 s budget (projected from the last step's time);
+    # only a step much slower than the one before it (e.g. the first looped one) can overshoot a little
+    assert 0.5 <= result["train_seconds"] <= 1.2 and 0 < result["steps"] < 100000
 
 
 def test_cli_train(tiny_data, tmp_path, capsys):

@@ -269,6 +269,7 @@ def train(
         logger.log(format_val_line(step, loss, bpb))
 
     clock = TrainClock(elapsed, device)
+    last_step_s = 0.0
     last_loss = math.nan
     reason = None
     sync = torch.zeros(3, dtype=torch.float64, device=device)
@@ -278,7 +279,9 @@ def train(
                 frac = training_fraction(elapsed, step, tc, reserve)
                 if step >= tc.iterations:
                     reason = "iterations"
-                elif budget > 0 and frac >= 1.0:
+                elif budget > 0 and (frac >= 1.0 or elapsed + last_step_s > budget):
+                    # stop before a step that would end past the budget: the cap is a hard limit on CPU,
+                    # where one step can take seconds (the records only stop once the cap is passed)
                     reason = "wallclock"
                 elif sigterm.raised:
                     reason = "sigterm"
@@ -296,6 +299,7 @@ def train(
                 sync[2] = (~torch.isfinite(loss)).double()
                 all_reduce_(sync, "max")
                 flags = sync.tolist()
+                last_step_s = flags[0] - elapsed
                 elapsed, sigterm.raised = flags[0], flags[1] > 0
                 if flags[2] > 0:
                     reason = "nan"
