@@ -122,3 +122,18 @@ def test_seed_configs_only_change_the_seed():
     assert (a.train.seed, b.train.seed, base.train.seed) == (1, 2, 1337)
     a.train.seed = base.train.seed
     assert to_toml(a) == to_toml(base)
+
+
+def test_report_from_a_smoke_run(smoke_run: Path, tmp_path: Path):
+    from pgolf.submit.report import PLOT_PIXELS, render_report
+
+    md = render_report(smoke_run, tmp_path / "report")
+    pngs = sorted((tmp_path / "report").glob("*.png"))
+    assert len(pngs) == 4
+    text = md.read_text()
+    for png in pngs:
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        assert (width, height) == PLOT_PIXELS
+        assert png.name in text
