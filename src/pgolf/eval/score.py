@@ -148,7 +148,7 @@ class Scorer:
     seq_len: int
     batch_seqs: int
     device: torch.device
-    autocast_mode: str = "bf16"
+    autocast_mode: str = "auto"
     nll_transform: NllTransform | None = None
     trace: EvalTrace | None = None
     budget: Budget | None = None
@@ -238,7 +238,7 @@ def eval_windows(
     seq_len: int,
     batch_seqs: int,
     device: torch.device | None = None,
-    autocast_mode: str = "bf16",
+    autocast_mode: str = "auto",
     nll_transform: NllTransform | None = None,
     trace: EvalTrace | None = None,
     budget: Budget | None = None,

@@ -100,7 +100,7 @@ def train_chunk(
     *,
     seq_len: int,
     device: torch.device,
-    autocast_mode: str = "bf16",
+    autocast_mode: str = "auto",
     trace: EvalTrace | None = None,
 ) -> None:
     """Step (2): ttt_epochs SGD steps on the chunk's targets [lo, hi), in sequences of seq_len split across
@@ -163,7 +163,7 @@ def eval_ttt(
     cfg: EvalConfig,
     *,
     device: torch.device | None = None,
-    autocast_mode: str = "bf16",
+    autocast_mode: str = "auto",
     nll_transform: NllTransform | None = None,
     trace: EvalTrace | None = None,
     budget: Budget | None = None,

@@ -46,7 +46,7 @@ def collect_hessians(
     model: nn.Module,
     batches: Iterable[torch.Tensor],
     device: torch.device | str = "cpu",
-    autocast_mode: str = "bf16",
+    autocast_mode: str = "auto",
     average_across_ranks: bool = True,
     looping: bool = True,
 ) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ class TrainStep:
         model: nn.Module,
         params: list[nn.Parameter],
         device: torch.device,
-        autocast_mode: str = "bf16",
+        autocast_mode: str = "auto",
         grad_clip_norm: float = 0.0,
     ) -> None:
         self.model, self.params, self.device = model, params, device

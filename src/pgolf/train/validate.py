@@ -29,7 +29,7 @@ class Validator:
         tables: ByteTables | None,
         batch_seqs: int,
         dist: DistInfo,
-        autocast_mode: str = "bf16",
+        autocast_mode: str = "auto",
     ) -> None:
         num_seqs = (tokens.numel() - 1) // seq_len
         if num_seqs < 1:
