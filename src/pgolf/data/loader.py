@@ -114,8 +114,8 @@ class ShuffledSequenceLoader:
             y = y.pin_memory().to(device, non_blocking=True)
         return x, y
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue with the identical data order (plain Python types)."""
+    def _identity(self) -> dict[str, Any]:
+        """What a saved state must match to be restored into this loader."""
         return {
             "files": [p.name for p in self.files],
             "num_tokens": self.num_tokens.tolist(),
@@ -123,6 +123,12 @@ class ShuffledSequenceLoader:
             "rank": self.rank,
             "world_size": self.world_size,
             "seed": self.seed,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue with the identical data order (plain Python types)."""
+        return {
+            **self._identity(),
             "epoch": self.epoch,
             "epoch_rng_state": self.epoch_rng_state,
             "rng_state": self.rng.bit_generator.state,
@@ -131,15 +137,7 @@ class ShuffledSequenceLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state_dict() of a loader over the same shards, seq_len, rank, world and seed."""
-        expected = {
-            "files": [p.name for p in self.files],
-            "num_tokens": self.num_tokens.tolist(),
-            "seq_len": self.seq_len,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "seed": self.seed,
-        }
-        for key, value in expected.items():
+        for key, value in self._identity().items():
             if state.get(key) != value:
                 raise ValueError(
                     f"loader state does not match this loader: {key} is {state.get(key)!r}, expected {value!r}"
