@@ -88,6 +88,7 @@ def main() -> None:
         f"val stream {tokens.numel():,} tokens; preset {cfg.preset}; torch threads {torch.get_num_threads()}"
     )
     rows: list[tuple[str, int, float]] = []
+    mfu_note = ""
 
     if "hints" in parts:
         prm = HintParams.from_config(e)
@@ -139,6 +140,7 @@ def main() -> None:
                     )
                 )
                 rows.append((f"sliding stride {args.stride}, {batch} window(s) per forward", m, sec))
+            mfu_note = forward_mfu(model, small.numel() - 1, e.seq_len, args.stride, rows[-2:], args.quick)
 
     print(f"\n{'measurement':62s} {'tokens':>10s} {'seconds':>9s} {'tokens/s':>12s}")
     for name, count, sec in rows:
@@ -151,6 +153,25 @@ def main() -> None:
     single = [v for k, v in speeds.items() if "1 window(s)" in k]
     if batched and single:
         print(f"batched sliding / unbatched = {batched[0] / single[0]:.2f}x (target >= 2x)")
+        print(mfu_note)
+
+
+def forward_mfu(model, targets: int, seq_len: int, stride: int, rows: list, quick: bool) -> str:
+    """MFU of the batched and unbatched sliding rows: forward FLOPs of every window position (a third of the
+    training FLOPs/token of benchmarks/train_throughput.py) over the fp32 matmul peak measured here. On a
+    compute-bound CPU this bounds what batching can buy: batched / unbatched <= peak-MFU / unbatched MFU."""
+    from train_throughput import flops_per_token, matmul_peak
+
+    from pgolf.eval.score import sliding_windows
+
+    windows = sliding_windows(targets, seq_len, stride)
+    positions = int(windows[:, 1].sum())  # every window position runs a forward
+    fwd = flops_per_token(model, seq_len) / 3.0
+    peak = matmul_peak(512 if quick else 2048, "fp32", 0, 0.5 if quick else 3.0)
+    parts = [f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; forward {fwd / 1e6:.2f} MFLOP/position"]
+    for name, _count, sec in rows:
+        parts.append(f"{name}: MFU {positions * fwd / sec / peak:.0%}")
+    return "; ".join(parts)
 
 
 if __name__ == "__main__":

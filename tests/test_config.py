@@ -64,7 +64,8 @@ def test_cpu_track_presets_use_the_track_budget():
     b = preset("baseline-cpu")  # the SPEC §11 starting shape with the §8 recipe
     assert (b.model.num_layers, b.model.model_dim, b.data.train_batch_tokens, b.model.mlp_activation) == (6, 256, 16_384, "relu2")
     g = preset("cpu-golf")  # reshaped by measurement (see its docstring)
-    assert (g.model.num_layers, g.model.model_dim, g.model.parallel_mode) == (4, 192, "lanes1541")
+    assert (g.model.num_layers, g.model.model_dim, g.model.parallel_mode, g.model.num_loops) == (4, 96, "lanes1541", 0)
+    assert (g.quant.matrix_bits, g.quant.embed_bits, g.quant.calibration_batches) == (16, 16, 0)  # fp16 fits
 
 
 def test_override_order_preset_toml_env_set(tmp_path):

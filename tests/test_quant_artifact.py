@@ -124,3 +124,19 @@ def test_sdclip_size_law_bytes_fall_as_k_rises():
         qt = quantize_state_dict(state, {}, QuantConfig(method="rtn", matrix_clip_sigmas=k), role)
         sizes.append(encode_artifact(qt, "brotli", "bshf2")[1]["matrix"])
     assert all(a > b for a, b in zip(sizes, sizes[1:])), sizes
+
+
+def test_bits_16_stores_the_class_in_fp16():
+    """matrix_bits=16 / embed_bits=16 keep that class unquantized (fp16): dequantized weights are the fp16
+    rounding of the originals, and the other class is still quantized; 9 bits is refused by name."""
+    state = heavy_state(seed=2)
+    qt = quantize_state_dict(state, {}, QuantConfig(method="rtn", matrix_bits=16), role)
+    back = dequantize_state_dict(qt)
+    for name in ("blocks.0.attn.c_q.weight", "blocks.0.mlp.fc.weight"):
+        assert qt[name].scheme == "fp16"
+        assert torch.equal(back[name], state[name].half().float())
+    assert qt["tok_emb.weight"].scheme == "int8"
+    qt = quantize_state_dict(state, {}, QuantConfig(method="rtn", matrix_bits=16, embed_bits=16), role)
+    assert qt["tok_emb.weight"].scheme == "fp16"
+    with pytest.raises(ValueError, match="quant.matrix_bits=9"):
+        quantize_state_dict(state, {}, QuantConfig(method="rtn", matrix_bits=9), role)

@@ -185,15 +185,15 @@ def test_quant_reserve_seconds(tmp_path):
     cfg.train.quant_reserve_seconds = -1.0
     fixed = estimate_quant_seconds(cfg, seconds_per_token=1e-3)
     assert fixed.calibration_seconds == pytest.approx(1e-3 * 256 * cfg.quant.calibration_batches)
-    assert fixed.gptq_seconds > 0 and fixed.compress_seconds > 0
-    assert fixed.total > fixed.calibration_seconds + fixed.gptq_seconds + fixed.compress_seconds
+    assert fixed.gptq_seconds > 0
+    assert fixed.total > fixed.calibration_seconds + fixed.gptq_seconds
     cfg.quant.calibration_batches *= 4
     assert estimate_quant_seconds(cfg, seconds_per_token=1e-3).calibration_seconds == pytest.approx(
         4 * fixed.calibration_seconds
     )
     measured = estimate_quant_seconds(cfg)  # times a real forward with hooks on this machine
     assert measured.calibration_seconds > 0
-    assert quant_reserve_seconds(cfg) > measured.gptq_seconds + measured.compress_seconds
+    assert quant_reserve_seconds(cfg) > measured.calibration_seconds + measured.gptq_seconds
     assert gptq_cost_seconds([(512, 2048)]) > gptq_cost_seconds([(512, 512)]) > 0
 
 

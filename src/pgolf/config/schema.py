@@ -104,8 +104,8 @@ class QuantConfig:
     )
     calibration_batches: int = 64  # GPTQ_CALIBRATION_BATCHES
     calibration_batch_tokens: int = 0  # tokens per calibration batch per rank; 0 = a training micro-batch
-    matrix_bits: int = 6  # MATRIX_BITS
-    embed_bits: int = 8  # EMBED_BITS
+    matrix_bits: int = 6  # MATRIX_BITS; 2-8, or 16 = fp16 (no quantization)
+    embed_bits: int = 8  # EMBED_BITS; 2-8, or 16 = fp16
     matrix_clip_sigmas: float = 12.85  # MATRIX_CLIP_SIGMAS
     embed_clip_sigmas: float = 20.0  # EMBED_CLIP_SIGMAS
     hessian_clip_lambda: float = 0.0  # HESSIAN_CLIP_LAMBDA (0 = plain SDClip)

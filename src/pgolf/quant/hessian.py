@@ -107,25 +107,32 @@ def collect_hessians(
     return out
 
 
+def calibration_seqs_per_batch(cfg: RunConfig, world_size: int) -> int:
+    """Sequences in one calibration batch on one rank: quant.calibration_batch_tokens worth, else one
+    training micro-batch."""
+    from pgolf.data.loader import sequences_per_microbatch
+    from pgolf.train.loop import grad_accum_steps
+
+    d, q = cfg.data, cfg.quant
+    if q.calibration_batch_tokens > 0:
+        return max(1, q.calibration_batch_tokens // d.train_seq_len)
+    accum = grad_accum_steps(cfg, world_size)
+    return sequences_per_microbatch(d.train_batch_tokens, d.train_seq_len, world_size, accum)
+
+
 def calibration_batches(cfg: RunConfig, dist: DistInfo) -> Iterable[torch.Tensor]:
     """cfg.quant.calibration_batches token batches [B, L] from a fresh loader over the train shards.
 
     Tokens per batch per rank: quant.calibration_batch_tokens, or one training micro-batch when 0.
     """
-    from pgolf.data.loader import ShuffledSequenceLoader, sequences_per_microbatch
+    from pgolf.data.loader import ShuffledSequenceLoader
     from pgolf.data.shards import list_shards
 
     d, q = cfg.data, cfg.quant
     if not d.dir:
         raise ValueError("data.dir is empty: calibration needs the training shards (set data.dir)")
     files = list_shards(Path(d.dir), "train")
-    if q.calibration_batch_tokens > 0:
-        num_seqs = max(1, q.calibration_batch_tokens // d.train_seq_len)
-    else:
-        from pgolf.train.loop import grad_accum_steps
-
-        accum = grad_accum_steps(cfg, dist.world_size)
-        num_seqs = sequences_per_microbatch(d.train_batch_tokens, d.train_seq_len, dist.world_size, accum)
+    num_seqs = calibration_seqs_per_batch(cfg, dist.world_size)
     loader = ShuffledSequenceLoader(files, d.train_seq_len, dist.rank, dist.world_size, d.shuffle_seed)
     for _ in range(q.calibration_batches):
         x, _y = loader.next_batch(num_seqs, "cpu")

@@ -7,6 +7,7 @@ a scheme:
   GPTQ when a Hessian is available and quant.method == "gptq", round-to-nearest otherwise;
 * `fp16`    — passthrough, restored to the model's dtype on load. By default by role (control tensors);
   quant.passthrough = "size" keeps the records' rule instead (every float tensor of <= 65,536 elements);
+  matrix_bits / embed_bits = 16 store that whole class in fp16 (a model small enough for the cap unquantized);
 * `raw`     — non-float tensors, stored as they are.
 """
 
@@ -66,8 +67,11 @@ def default_role_fn() -> RoleFn:
 def plan_tensors(state: Mapping[str, torch.Tensor], qcfg: QuantConfig, role_fn: RoleFn) -> list[TensorPlan]:
     """The storage plan of every state_dict entry, in state_dict order."""
     for key in ("matrix_bits", "embed_bits"):
-        if not 2 <= getattr(qcfg, key) <= 8:
-            raise ValueError(f"quant.{key}={getattr(qcfg, key)} must be in [2, 8] (int8 container)")
+        if not (2 <= getattr(qcfg, key) <= 8 or getattr(qcfg, key) == 16):
+            raise ValueError(
+                f"quant.{key}={getattr(qcfg, key)} must be in [2, 8] (integers in an int8 container) "
+                "or 16 (fp16 passthrough)"
+            )
     plans = []
     for name, t in state.items():
         cls = role_fn(name, t)
@@ -78,7 +82,8 @@ def plan_tensors(state: Mapping[str, torch.Tensor], qcfg: QuantConfig, role_fn: 
             continue
         small = t.numel() <= SIZE_PASSTHROUGH_MAX
         keep = (cls == "control" or t.dim() != 2) if qcfg.passthrough == "role" else (small or t.dim() != 2)
-        if keep:
+        bits = qcfg.matrix_bits if cls == "matrix" else qcfg.embed_bits
+        if keep or bits == 16:
             plans.append(TensorPlan(name, cls, "fp16", 16))
         elif cls == "matrix":
             plans.append(
