@@ -92,9 +92,10 @@ def run_row(
 
     from pgolf.model import GPT
     from pgolf.optim import build_optimizers
-    from pgolf.runtime import DistInfo, resolve_precision
+    from pgolf.runtime import DistInfo, keep_freed_memory, resolve_precision
     from pgolf.train import EMA, TrainStep
 
+    keep_freed_memory()  # as the pgolf command does
     if threads:
         torch.set_num_threads(threads)
     cfg = build_cfg(row)

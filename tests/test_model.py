@@ -214,6 +214,11 @@ def test_model_loss_equals_cross_entropy_of_softcapped_logits(overrides) -> None
     assert nll.shape == (2, 12) and nll.dtype == torch.float32
     ref_nll = F.cross_entropy(logits.view(-1, 64), tgt.view(-1), reduction="none").view(2, 12)
     assert torch.allclose(nll, ref_nll, atol=1e-5)
+    # eval's tail form: the head only at positions 5.. gives those positions' values
+    assert torch.allclose(model.per_token_nll(ids, tgt, first=5), nll[:, 5:], atol=1e-6)
+    assert torch.allclose(model.tail_logits(ids, 5), logits[:, 5:], atol=1e-6)
+    with pytest.raises(ValueError, match="first=12"):
+        model.tail_logits(ids, 12)
 
 
 def test_bf16_autocast_forward_backward_matches_plain_path() -> None:
@@ -259,12 +264,15 @@ def test_rope_ntk_rescale_only_beyond_2048() -> None:
 
 
 def fake_flash(q, k, v, causal):
-    """Stands in for FA3: [B,T,H,D] in and out, GQA by repeating KV heads; returns (out, lse)."""
+    """Stands in for FA3: [B,T,H,D] in and out, GQA by repeating KV heads, causal mask aligned bottom-right
+    when there are fewer queries than keys (FlashAttention >= 2.1); returns (out, lse)."""
     assert causal
     group = q.size(2) // k.size(2)
     k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    q_len, k_len = q.size(1), k.size(1)
+    mask = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
     )
     return out.transpose(1, 2), None
 
@@ -302,3 +310,6 @@ def test_flash_layout_plumbing_matches_sdpa(monkeypatch) -> None:
         expected, got = sdpa_model(ids), flash_model(ids)
     assert calls and calls[0] == (2, 12, 4, 8)  # [B, T, H, D]
     assert torch.allclose(expected, got, atol=1e-5)
+    with torch.no_grad():  # eval's tail form: 5 query positions against all 12 keys in the last layer
+        assert torch.allclose(flash_model.tail_logits(ids, 7), expected[:, 7:], atol=1e-5)
+    assert calls[-1] == (2, 5, 4, 8)

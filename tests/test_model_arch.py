@@ -142,6 +142,24 @@ def test_causality(name: str, overrides: dict, looping: bool) -> None:
     assert (a[:, t:] - b[:, t:]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("name,overrides", CAUSAL_ARCHS)
+@pytest.mark.parametrize("looping", [False, True])
+def test_tail_forward_equals_the_tail_of_the_full_forward(name: str, overrides: dict, looping: bool) -> None:
+    """hidden(ids, first) runs the last layer on positions first.. only: same numbers as the full pass."""
+    cfg = shrunk(name, **overrides)
+    model = randomize_(GPT(cfg))
+    model.set_looping(looping)
+    ids = ids_for(cfg, batch=2, seq=10)
+    with torch.no_grad():
+        full = model.hidden(ids)
+        for first in (1, 6, 9):
+            tail = model.hidden(ids, first)
+            assert tail.shape == (2, 10 - first, cfg.model_dim)
+            assert torch.allclose(tail, full[:, first:], atol=1e-5, rtol=1e-5), first
+    with pytest.raises(ValueError, match="first=10"):
+        model.hidden(ids, 10)
+
+
 # ----------------------------------------------------------------------------- hand-written reference
 
 

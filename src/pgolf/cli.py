@@ -10,6 +10,7 @@ from pgolf.config import cli as config_cli
 from pgolf.data import cli as data_cli
 from pgolf.eval import cli as eval_cli
 from pgolf.quant import cli as quant_cli
+from pgolf.runtime import keep_freed_memory
 from pgolf.submit import cli as submit_cli
 from pgolf.train import cli as train_cli
 
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return int(args.func(args) or 0)
     except (ConfigError, FileNotFoundError, ValueError) as err:  # BundleError, ShardError, ... are ValueErrors

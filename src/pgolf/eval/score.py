@@ -160,10 +160,10 @@ class Scorer:
         self.meter = BpbMeter(self.tables)
         self.tilt_meter = BpbMeter(self.tables) if self.nll_transform is not None else None
         self._nll_fn = self.model.per_token_nll
-        self._logits_fn = self.model
+        self._logits_fn = self.model.tail_logits
         if self.compile:
             self._nll_fn = torch.compile(self.model.per_token_nll, dynamic=False)
-            self._logits_fn = torch.compile(self.model, dynamic=False)
+            self._logits_fn = torch.compile(self.model.tail_logits, dynamic=False)
 
     @torch.no_grad()
     def score(self, tokens: torch.Tensor, windows: np.ndarray, total_windows: int | None = None) -> None:
@@ -179,17 +179,24 @@ class Scorer:
             if self.budget is not None:
                 self.budget.check()
             if i < len(windows):
-                self._score_batch(tokens, windows[i : i + self.batch_seqs])
+                batch = windows[i : i + self.batch_seqs]
+                # Windows are run in groups of equal scored start (a sliding plan's first window is scored
+                # whole, every other one only in its tail), so a group's forward skips its unscored part.
+                for first in np.unique(batch[:, 2]).tolist():
+                    self._score_batch(tokens, batch[batch[:, 2] == first], first)
 
-    def _score_batch(self, tokens: torch.Tensor, windows: np.ndarray) -> None:
+    def _score_batch(self, tokens: torch.Tensor, windows: np.ndarray, first: int) -> None:
+        """Score windows whose scored offsets all start at or after `first`: the last layer and the head
+        run on positions first.. only, and every per-position tensor is cut to those columns."""
         x, y, mask, pos = (t.to(self.device) for t in window_batch(tokens, windows, self.seq_len))
-        probes = self._probes_in(pos, mask)
+        probes = self._probes_in(pos[:, first:], mask[:, first:])
         need_logits = self.nll_transform is not None or bool(probes)
         with autocast(self.device, self.autocast_mode):
             if need_logits:
-                logits = self._logits_fn(x).float()
+                logits = self._logits_fn(x, first).float()
             else:
-                nll = self._nll_fn(x, y).float()
+                nll = self._nll_fn(x, y, first).float()
+        x, y, mask, pos = x[:, first:], y[:, first:], mask[:, first:], pos[:, first:]
         if need_logits:
             nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
         sel_nll, sel_x, sel_y, sel_pos = nll[mask], x[mask], y[mask], pos[mask]

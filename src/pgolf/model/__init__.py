@@ -1,7 +1,8 @@
 """pgolf.model: the GPT of the SP8192 record stack (SPEC §2) and the helpers other stages share.
 
 `GPT(cfg.model)`; `model(ids)` -> softcapped fp32 logits [B, T, V]; `model(ids, targets)` -> mean loss;
-`model.per_token_nll(ids, targets)` -> [B, T]; `model.set_looping(on)`; `recurrence_indices(cfg, looping)`;
+`model.per_token_nll(ids, targets, first=0)` -> [B, T - first] (eval: last layer and head on the
+scored tail only); `model.set_looping(on)`; `recurrence_indices(cfg, looping)`;
 `param_role(name, tensor)` -> "embed" | "head" | "matrix" | "control".
 """
 

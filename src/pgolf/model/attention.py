@@ -40,14 +40,28 @@ def resolve_backend(requested: str, device_type: str) -> str:
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
-    """Causal softmax attention, scale 1/sqrt(head_dim). q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D]."""
+    """Causal softmax attention, scale 1/sqrt(head_dim). q [B,Tq,H,D], k/v [B,T,Hkv,D] -> [B,Tq,H,D].
+
+    Tq <= T: the queries are the last Tq positions (query i sits at position T - Tq + i and sees keys
+    0..T - Tq + i), FlashAttention's bottom-right alignment. SDPA's is_causal aligns top-left, so a
+    shorter query block gets an explicit mask.
+    """
     if backend == "flash":
         out = flash_attn_func(q, k, v, causal=True)
         # Some FA3 releases return (out, softmax_lse).
         return out[0] if isinstance(out, tuple) else out
     gqa = q.size(2) != k.size(2)
+    q_len, k_len = q.size(1), k.size(1)
+    mask = None
+    if q_len != k_len:
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
     y = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=gqa
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        is_causal=mask is None,
+        enable_gqa=gqa,
     )
     return y.transpose(1, 2)
 
@@ -105,18 +119,19 @@ class CausalSelfAttention(nn.Module):
         self.backend = cfg.attention_backend
         resolve_backend(self.backend, "cpu")  # fail at build time when 'flash' cannot be honoured
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], first: int = 0) -> Tensor:
+        """Attention output [B, T - first, dim] of positions first.. (keys and values: all of x)."""
         bsz, seq, _ = x.shape
-        q = self.c_q(x).view(bsz, seq, self.num_heads, self.head_dim)
+        q = self.c_q(x[:, first:]).view(bsz, seq - first, self.num_heads, self.head_dim)
         k = self.c_k(x).view(bsz, seq, self.num_kv_heads, self.head_dim)
         v = self.c_v(x).view(bsz, seq, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q = F.rms_norm(q, (self.head_dim,))
             k = F.rms_norm(k, (self.head_dim,))
         cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos[first:], sin[first:]), apply_rope(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         y = causal_attention(q, k, v, resolve_backend(self.backend, x.device.type))
         if self.use_xsa:
-            y = exclusive_self_attention(y, v)
-        return self.proj(y.reshape(bsz, seq, self.num_heads * self.head_dim))
+            y = exclusive_self_attention(y, v[:, first:])
+        return self.proj(y.reshape(bsz, seq - first, self.num_heads * self.head_dim))

@@ -50,18 +50,22 @@ class Block(nn.Module):
     def _norm(self, x: Tensor) -> Tensor:
         return F.rms_norm(x, (x.size(-1),)) * self.ln_scale
 
-    def _attn(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        return self.attn_scale.to(x.dtype) * self.attn(self._norm(x), rope)
+    def _attn(self, x: Tensor, rope: tuple[Tensor, Tensor], first: int = 0) -> Tensor:
+        return self.attn_scale.to(x.dtype) * self.attn(self._norm(x), rope, first)
 
     def _mlp(self, x: Tensor) -> Tensor:
         return self.mlp_scale.to(x.dtype) * self.mlp(self._norm(x))
 
-    def forward(self, x: Tensor, x0: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        """Sequential or GPT-J block on a single residual stream."""
+    # `first` > 0 computes the outputs of positions first.. only (their attention still reads every key):
+    # exact for the last layer, whose other positions nothing reads. Eval uses it for the scored tail.
+    def forward(self, x: Tensor, x0: Tensor, rope: tuple[Tensor, Tensor], first: int = 0) -> Tensor:
+        """Sequential or GPT-J block on a single residual stream; output [B, T - first, dim]."""
         x = self.mix(x, x0)
+        a = self._attn(x, rope, first)
+        x = x[:, first:]
         if self.gptj:
-            return x + self._attn(x, rope) + self._mlp(x)
-        x = x + self._attn(x, rope)
+            return x + a + self._mlp(x)
+        x = x + a
         return x + self._mlp(x)
 
     def forward_lanes(
@@ -72,16 +76,18 @@ class Block(nn.Module):
         rope: tuple[Tensor, Tensor],
         post: Tensor,
         resid: Tensor,
+        first: int = 0,
     ) -> tuple[Tensor, Tensor]:
         """One two-lane layer; post = par_post[l] ([src][dst], src 0 = attn, 1 = mlp), resid = par_resid[l].
 
         #1541: MLP reads mix(lane1, x0); L_k ← r1·(r0·L_k + P[0][k]·a) + P[1][k]·f (shared carry r0·r1).
         #1529: MLP reads raw lane1;      L_k ← ρ_k·L_k + P[0][k]·a + P[1][k]·f (per-lane carry ρ_k).
-        Both branch outputs are computed from the pre-update lanes.
+        Both branch outputs are computed from the pre-update lanes. Outputs: positions first.. only.
         """
         if self.lane_form is None:
             raise RuntimeError("forward_lanes called on a block that is not a lane-parallel layer")
-        a = self._attn(self.mix(lane0, x0), rope)
+        a = self._attn(self.mix(lane0, x0), rope, first)
+        lane0, lane1, x0 = lane0[:, first:], lane1[:, first:], x0[:, first:]
         mlp_in = self.mix(lane1, x0) if self.lane_form == "lanes1541" else lane1
         f = self._mlp(mlp_in)
         post, resid = post.to(a.dtype), resid.to(a.dtype)

@@ -223,14 +223,16 @@ class GPT(nn.Module):
         rope: tuple[Tensor, Tensor],
         skip: Tensor | None,
         pos: int,
+        first: int = 0,
     ) -> LaneState:
-        """Run physical block idx at decoder position pos (skip = its paired encoder output, or None)."""
+        """Run physical block idx at decoder position pos (skip = its paired encoder output, or None);
+        first > 0 (the last layer only) returns positions first.. alone."""
         block = self.blocks[idx]
         if block.lane_form is None:
             x = self._single(state)
             if skip is not None:
                 x = self._merge_skip(x, skip, pos)
-            return block(x, x0, rope)
+            return block(x, x0, rope, first)
         if isinstance(state, Tensor):
             # First lane layer: the skip is merged into x, then both lanes start from it.
             x = self._merge_skip(state, skip, pos) if skip is not None else state
@@ -241,12 +243,19 @@ class GPT(nn.Module):
                 lane0 = self._merge_skip(lane0, skip, pos)
                 if block.lane_form == "lanes1541":  # #1541: into both lanes; #1529: lane 0 only
                     lane1 = self._merge_skip(lane1, skip, pos)
-        return block.forward_lanes(lane0, lane1, x0, rope, self.par_post[idx], self.par_resid[idx])
+        post, resid = self.par_post[idx], self.par_resid[idx]
+        return block.forward_lanes(lane0, lane1, x0, rope, post, resid, first)
 
-    def hidden(self, ids: Tensor) -> Tensor:
-        """final_norm output [B, T, d]: the features the output head reads."""
+    def hidden(self, ids: Tensor, first: int = 0) -> Tensor:
+        """final_norm output [B, T - first, d] of positions first..: the features the output head reads.
+
+        Every layer but the last runs on all T positions (their keys and values are needed); the last
+        layer computes the outputs of positions first.. only, which is what sliding eval scores.
+        """
         if ids.dim() != 2:
             raise ValueError(f"expected token ids [B, T]; got shape {tuple(ids.shape)}")
+        if not 0 <= first < ids.size(1):
+            raise ValueError(f"first={first} must be in [0, {ids.size(1)}) for ids of shape {tuple(ids.shape)}")
         x = self.tok_emb(ids)
         if not torch.is_autocast_enabled(ids.device.type):
             # The bf16 storage of tok_emb must not pick the compute precision: without autocast the
@@ -259,13 +268,15 @@ class GPT(nn.Module):
         encoder, decoder = self._orders[self.looping]
         state: LaneState = x
         skips: list[Tensor] = []
-        for idx in encoder:
-            state = self._layer(idx, state, x0, rope, None, -1)
+        last = len(encoder) + len(decoder) - 1
+        for n, idx in enumerate(encoder):
+            state = self._layer(idx, state, x0, rope, None, -1, first if n == last else 0)
             skips.append(self._single(state))
         paired = min(len(encoder), len(decoder)) if self.skip_weights is not None else 0
         for pos, idx in enumerate(decoder):
             skip = skips[len(encoder) - 1 - pos] if pos < paired else None
-            state = self._layer(idx, state, x0, rope, skip, pos)
+            tail = first if len(encoder) + pos == last else 0
+            state = self._layer(idx, state, x0, rope, skip, pos, tail)
         return self.final_norm(self._single(state))
 
     def _head_weight(self) -> Tensor:
@@ -273,22 +284,30 @@ class GPT(nn.Module):
 
     def forward(self, ids: Tensor, targets: Tensor | None = None) -> Tensor:
         """Softcapped fp32 logits [B, T, V]; with targets, the fp32 mean cross-entropy (scalar)."""
-        h = self.hidden(ids)
         if targets is None:
-            logits = F.linear(h, self._head_weight().to(h.dtype))
-            return softcap_logits(logits, self.cfg.logit_softcap)
+            return self.tail_logits(ids)
         if targets.shape != ids.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal ids shape {tuple(ids.shape)}")
+        h = self.hidden(ids)
         return fused_head_loss(
             h.reshape(-1, h.size(-1)), self._head_weight(), targets.reshape(-1), self.cfg.logit_softcap
         )
 
-    def per_token_nll(self, ids: Tensor, targets: Tensor) -> Tensor:
-        """fp32 NLL [B, T] of every target, computed in row chunks (eval never holds [B, T, V] logits)."""
+    # Sliding-window eval scores only each window's last `stride` positions: `first` skips the last layer's
+    # queries, MLP and the output head (a d x V matmul, tanh and log-softmax over V) where nothing is scored.
+    def tail_logits(self, ids: Tensor, first: int = 0) -> Tensor:
+        """Softcapped fp32 logits [B, T - first, V] of positions first.. (all of them by default)."""
+        h = self.hidden(ids, first)
+        return softcap_logits(F.linear(h, self._head_weight().to(h.dtype)), self.cfg.logit_softcap)
+
+    def per_token_nll(self, ids: Tensor, targets: Tensor, first: int = 0) -> Tensor:
+        """fp32 NLL [B, T - first] of the targets at positions first.., in row chunks (eval never holds
+        [B, T, V] logits). targets has the shape of ids."""
         if targets.shape != ids.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal ids shape {tuple(ids.shape)}")
-        h = self.hidden(ids)
+        h = self.hidden(ids, first)
+        tail = targets[:, first:]
         nll = head_nll(
-            h.reshape(-1, h.size(-1)), self._head_weight(), targets.reshape(-1), self.cfg.logit_softcap
+            h.reshape(-1, h.size(-1)), self._head_weight(), tail.reshape(-1), self.cfg.logit_softcap
         )
-        return nll.view(ids.shape)
+        return nll.view(tail.shape)

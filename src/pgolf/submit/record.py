@@ -15,6 +15,7 @@ from pathlib import Path
 from pgolf.config import from_dict, validate
 from pgolf.config.env import apply_env
 from pgolf.config.overrides import tomllib
+from pgolf.runtime import keep_freed_memory
 from pgolf.submit.pipeline import run_pipeline
 
 
@@ -25,6 +26,7 @@ def _script_bytes() -> int:
 
 
 def main(config_toml: str) -> int:
+    keep_freed_memory()
     cfg = from_dict(tomllib.loads(config_toml), "embedded config")
     apply_env(cfg, os.environ)
     validate(cfg)
