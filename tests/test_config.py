@@ -66,6 +66,7 @@ def test_cpu_track_presets_use_the_track_budget():
     g = preset("cpu-golf")  # reshaped by measurement (see its docstring)
     assert (g.model.num_layers, g.model.model_dim, g.model.parallel_mode, g.model.num_loops) == (4, 96, "lanes1541", 0)
     assert (g.quant.matrix_bits, g.quant.embed_bits, g.quant.calibration_batches) == (16, 16, 0)  # fp16 fits
+    assert (g.eval.plan, g.eval.stride) == (["quant", "sliding"], 64)
 
 
 def test_override_order_preset_toml_env_set(tmp_path):

@@ -147,12 +147,16 @@ def cpu_golf() -> RunConfig:
       warmdown to 0 over a few hundred steps, the live weights are already annealed; any EMA lags a
       still-falling loss, and the records' 0.997 would leave the export near its init.
     * Momentum warm-up over 25% of training: the records' 1,500 steps would cover the whole run.
-    * Eval plan quant + sliding stride 128 (final score: sliding). On the 4x96 fp16 artifact, dev val
-      (261,632 tokens): non-overlapping 1.98147 (11.0 s), sliding stride 256 1.94401 (23.3 s), **stride
-      128 1.93915** (46.2 s), seq 1024 / stride 512 2.07964 (RoPE past the trained 512 hurts), score-first
-      TTT (stride 512, lr 0.05, chunk 16,384) 1.98098. Scaled to the 2.08M-token val split, quant + stride
-      128 take ~460 s of the 600 s; stride 64 (~740 s) and TTT on top of stride 128 do not fit. With fp16
-      storage the pre-quant pass would repeat the quant one (gap 0.00006), so it is left out.
+    * Eval plan quant + sliding stride 64 (final score: sliding). On the 4x96 fp16 artifact, dev val
+      (261,632 tokens): non-overlapping 1.98147 (11.0 s), sliding stride 256 1.94401 (23.3 s), stride
+      128 1.93915 (46.2 s), seq 1024 / stride 512 2.07964 (RoPE past the trained 512 hurts), score-first
+      TTT (stride 512, lr 0.05, chunk 16,384) 1.98098. With fp16 storage the pre-quant pass would repeat
+      the quant one (gap 0.00006), so it is left out.
+    * Later, sliding eval began to run the last layer and the head on the scored tail only, and the
+      allocator to keep freed memory (`pgolf.runtime.keep_freed_memory`). Dev re-run of this preset: 774
+      steps at 10,600 tokens/s (was 579 at ~7,900), dev val quant 1.92670 (7.5 s), sliding stride 128
+      1.87713 (21.6 s), **stride 64 1.87499** (41.5 s). Scaled to the 2.08M-token val split, quant +
+      stride 64 take ~390 s of the 600 s, so stride 64 replaced 128; stride 32 (~660 s) does not fit.
     """
     cfg = _cpu_track(pr1541())
     cfg.preset = "cpu-golf"
@@ -166,7 +170,7 @@ def cpu_golf() -> RunConfig:
     o.ema_decay = 0.0
     q.matrix_bits, q.embed_bits, q.calibration_batches = 16, 16, 0
     e.plan = ["quant", "sliding"]
-    e.stride, e.ttt_chunk_tokens, e.ttt_epochs, e.ngram_table_bits = 128, 65_536, 1, 22
+    e.stride, e.ttt_chunk_tokens, e.ttt_epochs, e.ngram_table_bits = 64, 65_536, 1, 22
     return cfg
 
 
