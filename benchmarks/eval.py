@@ -21,14 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pgolf.config import load_run_config, preset
 from pgolf.data.build import encode_documents, iter_documents
 from pgolf.data.bytes import build_byte_tables, load_tokenizer
 from pgolf.eval.ngram import HintParams, compute_hints
 from pgolf.eval.run_eval import load_eval_data, load_quant_model
-from pgolf.eval.score import eval_nonoverlap, eval_sliding
+from pgolf.eval.score import eval_nonoverlap, eval_sliding, plain_sliding_nll
 from pgolf.eval.ttt import eval_ttt
 from pgolf.runtime import keep_freed_memory
 
@@ -95,7 +94,7 @@ def main() -> None:
         f"val stream {tokens.numel():,} tokens; preset {cfg.preset}; torch threads {torch.get_num_threads()}"
     )
     rows: list[tuple[str, int, float]] = []
-    mfu_note = ""
+    summary = ""
 
     if "hints" in parts:
         prm = HintParams.from_config(e)
@@ -142,25 +141,29 @@ def main() -> None:
             m = small.numel() - 1
             kw_small = dict(seq_len=e.seq_len, stride=args.stride, **kw)
             variants = {
-                f"sliding stride {args.stride}, pgolf, {b} window(s) per forward": (
-                    lambda b=b: eval_sliding(model, small, tables, batch_seqs=b, **kw_small)[0].loss
-                )
+                (b, "pgolf"): lambda b=b: eval_sliding(model, small, tables, batch_seqs=b, **kw_small)[0].loss
                 for b in (e.batch_seqs, 1)
             }
-            variants[f"sliding stride {args.stride}, each window separately, full logits"] = lambda: (
-                plain_sliding_loss(model, small, e.seq_len, args.stride)
-            )
+            variants[(1, "plain")] = lambda: plain_sliding_nll(model, small, e.seq_len, args.stride)
             # Interleaved repeats, best time of each (timeit's rule): this machine's speed drifts by ~10%.
-            best, losses = {name: float("inf") for name in variants}, []
+            best, losses = {key: float("inf") for key in variants}, []
             for _ in range(args.repeats):
-                for name, fn in variants.items():
+                for key, fn in variants.items():
                     loss, sec = timed(fn)
-                    best[name] = min(best[name], sec)
+                    best[key] = min(best[key], sec)
                     losses.append(loss)
-            rows.extend((name, m, sec) for name, sec in best.items())
-            spread = max(losses) - min(losses)
-            mfu_note = forward_mfu(model, m, e.seq_len, args.stride, rows[-3:], args.quick)
-            mfu_note += f"\nloss of the three sliding rows agrees to {spread:.1e} nats/token"
+            names = {
+                key: f"sliding stride {args.stride}, pgolf, {key[0]} window(s) per forward" for key in best
+            }
+            names[(1, "plain")] = f"sliding stride {args.stride}, each window separately, full logits"
+            rows.extend((names[key], m, sec) for key, sec in best.items())
+            batched, single, plain = (best[k] for k in ((e.batch_seqs, "pgolf"), (1, "pgolf"), (1, "plain")))
+            summary = (
+                f"sliding eval / plain per-window loop = {plain / batched:.2f}x (target >= 2x); of it, batching"
+                f" {single / batched:.2f}x and the scored-tail forward {plain / single:.2f}x\n"
+                + forward_mfu(model, m, e.seq_len, args.stride, rows[-3:], args.quick)
+                + f"\nloss of the three sliding rows agrees to {max(losses) - min(losses):.1e} nats/token"
+            )
 
     print(f"\n{'measurement':62s} {'tokens':>10s} {'seconds':>9s} {'tokens/s':>12s}")
     for name, count, sec in rows:
@@ -169,30 +172,8 @@ def main() -> None:
     hint = [v for k, v in speeds.items() if k.startswith("n-gram")]
     if hint:
         print(f"\nhint precompute {hint[0]:,.0f} tokens/s (target >= 1,000,000 on one core)")
-    batched = [v for k, v in speeds.items() if "pgolf" in k and "1 window" not in k]
-    single = [v for k, v in speeds.items() if "pgolf, 1 window" in k]
-    plain = [v for k, v in speeds.items() if "each window separately" in k]
-    if batched and single and plain:
-        print(
-            f"sliding eval / plain per-window loop = {batched[0] / plain[0]:.2f}x (target >= 2x); "
-            f"of it, batching {batched[0] / single[0]:.2f}x and the scored-tail forward {single[0] / plain[0]:.2f}x"
-        )
-        print(mfu_note)
-
-
-@torch.no_grad()
-def plain_sliding_loss(model, tokens: torch.Tensor, seq_len: int, stride: int) -> float:
-    """Mean NLL of the SPEC §5.2 plan computed the plain way: every window alone, full-window logits."""
-    from pgolf.eval.score import sliding_windows
-
-    model.eval()
-    total, count = 0.0, 0
-    for ws, wlen, s in sliding_windows(tokens.numel() - 1, seq_len, stride).tolist():
-        logits = model(tokens[ws : ws + wlen].unsqueeze(0))[0]
-        y = tokens[ws + 1 : ws + wlen + 1]
-        total += F.cross_entropy(logits[s:], y[s:], reduction="sum").item()
-        count += wlen - s
-    return total / count
+    if summary:
+        print(summary)
 
 
 def forward_mfu(model, targets: int, seq_len: int, stride: int, rows: list, quick: bool) -> str:

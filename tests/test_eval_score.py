@@ -7,27 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from test_eval_common import stream_totals, tiny_eval_cfg, tiny_model, tiny_stream, tiny_tables  # noqa: F401
 
-from pgolf.eval.score import EvalTrace, eval_nonoverlap, eval_sliding, sliding_windows
+from pgolf.eval.score import EvalTrace, eval_nonoverlap, eval_sliding, plain_sliding_nll, sliding_windows
 from pgolf.eval.ttt import chunk_lr, eval_ttt, plan_chunks
 
 DEV = torch.device("cpu")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def direct_sliding_nll(model, tokens, seq, stride) -> float:
-    """Each window on its own, full softmax, no batching: the definition of §5.2."""
-    total = 0.0
-    with torch.no_grad():
-        for ws, wlen, s in sliding_windows(tokens.numel() - 1, seq, stride):
-            x = tokens[ws : ws + wlen].unsqueeze(0)
-            y = tokens[ws + 1 : ws + wlen + 1]
-            logits = model(x)[0].float()
-            total += F.cross_entropy(logits[s:wlen], y[s:wlen], reduction="sum").item()
-    return total
 
 
 def test_sliding_with_stride_window_equals_nonoverlap_exactly():
@@ -43,7 +30,7 @@ def test_sliding_matches_unbatched_definition_and_totals():
     model, tables, toks = tiny_model(), tiny_tables(), tiny_stream(200)
     res, _ = eval_sliding(model, toks, tables, seq_len=32, stride=8, batch_seqs=5, autocast_mode="off")
     assert (res.tokens, res.bytes) == stream_totals(toks, tables)
-    expected = direct_sliding_nll(model, toks, 32, 8) / (toks.numel() - 1)
+    expected = plain_sliding_nll(model, toks, 32, 8)
     assert math.isclose(res.loss, expected, rel_tol=1e-5)
     assert math.isclose(res.bpb, res.loss * res.tokens / (math.log(2) * res.bytes), rel_tol=1e-12)
     # more context helps nothing for a random model, but the numbers must differ from non-overlap

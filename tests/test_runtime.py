@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 # A fresh interpreter per case: glibc's thresholds are process-wide and move as a process allocates.
-CHURN = textwrap.dedent(
+EVAL_FORWARDS = textwrap.dedent(
     """
     import resource, sys, torch
     from pgolf.config import preset
@@ -33,7 +33,7 @@ CHURN = textwrap.dedent(
 def test_keep_freed_memory_stops_refaulting_activation_sized_blocks() -> None:
     def faults(mode: str) -> tuple[str, int]:
         out = subprocess.run(
-            [sys.executable, "-c", CHURN, mode], capture_output=True, text=True, check=True, timeout=120
+            [sys.executable, "-c", EVAL_FORWARDS, mode], capture_output=True, text=True, check=True, timeout=120
         ).stdout.split()
         return out[0], int(out[1])
 

@@ -154,9 +154,9 @@ def cpu_golf() -> RunConfig:
       the quant one (gap 0.00006), so it is left out.
     * Later, sliding eval began to run the last layer and the head on the scored tail only, and the
       allocator to keep freed memory (`pgolf.runtime.keep_freed_memory`). Dev re-run of this preset: 774
-      steps at 10,600 tokens/s (was 579 at ~7,900), dev val quant 1.92670 (7.5 s), sliding stride 128
-      1.87713 (21.6 s), **stride 64 1.87499** (41.5 s). Scaled to the 2.08M-token val split, quant +
-      stride 64 take ~390 s of the 600 s, so stride 64 replaced 128; stride 32 (~660 s) does not fit.
+      steps at 10,600 tokens/s (was 579), dev val quant 1.92670 (7.5 s), sliding stride 128 1.87713
+      (21.6 s), **stride 64 1.87499** (41.5 s), so stride 64 replaced 128. On the full val split quant +
+      stride 64 took 405.6 s of the 600 s (60.5 + 345.0); stride 32, twice the sliding pass, does not fit.
     """
     cfg = _cpu_track(pr1541())
     cfg.preset = "cpu-golf"

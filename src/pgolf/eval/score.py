@@ -189,14 +189,15 @@ class Scorer:
         """Score windows whose scored offsets all start at or after `first`: the last layer and the head
         run on positions first.. only, and every per-position tensor is cut to those columns."""
         x, y, mask, pos = (t.to(self.device) for t in window_batch(tokens, windows, self.seq_len))
-        probes = self._probes_in(pos[:, first:], mask[:, first:])
+        mask, pos = mask[:, first:], pos[:, first:]
+        probes = self._probes_in(pos, mask)
         need_logits = self.nll_transform is not None or bool(probes)
         with autocast(self.device, self.autocast_mode):
             if need_logits:
                 logits = self._logits_fn(x, first).float()
             else:
                 nll = self._nll_fn(x, y, first).float()
-        x, y, mask, pos = x[:, first:], y[:, first:], mask[:, first:], pos[:, first:]
+        x, y = x[:, first:], y[:, first:]
         if need_logits:
             nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
         sel_nll, sel_x, sel_y, sel_pos = nll[mask], x[mask], y[mask], pos[mask]
@@ -293,3 +294,17 @@ def eval_sliding(
         nll_transform=nll_transform,
         **kw,
     )
+
+
+@torch.no_grad()
+def plain_sliding_nll(model: torch.nn.Module, tokens: torch.Tensor, seq_len: int, stride: int) -> float:
+    """Mean NLL of the SPEC §5.2 plan the plain way: each window alone, logits of the whole window, the scored
+    tail cut out. The definition `eval_sliding` is tested against and the speed baseline it is measured by."""
+    model.eval()
+    total, count = 0.0, 0
+    for ws, wlen, s in sliding_windows(tokens.numel() - 1, seq_len, stride).tolist():
+        logits = model(tokens[ws : ws + wlen].unsqueeze(0))[0].float()
+        y = tokens[ws + 1 : ws + wlen + 1]
+        total += F.cross_entropy(logits[s:], y[s:], reduction="sum").item()
+        count += wlen - s
+    return total / count
