@@ -19,12 +19,14 @@ EVAL_FORWARDS = textwrap.dedent(
     torch.set_num_threads(1)
     model = GPT(preset("cpu-golf").model).eval()
     ids = torch.randint(0, 1024, (8, 512))
+    faults = []
     with torch.no_grad():
         model.per_token_nll(ids, ids)  # warm-up: what glibc's dynamic threshold alone would learn
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(3):  # an eval batch's activations, allocated and freed every call
+        for _ in range(5):  # an eval batch's activations, allocated and freed every call
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             model.per_token_nll(ids, ids)
-    print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(applied, sorted(faults)[2])  # the median forward: one-off heap growth lands in single calls
     """
 )
 
@@ -41,4 +43,5 @@ def test_keep_freed_memory_stops_refaulting_activation_sized_blocks() -> None:
     _, default = faults("default")
     assert applied == "True"
     # each forward re-faults tens of MB of activations when freed memory goes back to the OS
-    assert kept * 5 < default, (kept, default)
+    # (seen: median 12,000-23,000 faults per forward by default, 0-400 kept)
+    assert default > 2000 and kept * 5 < default, (kept, default)
