@@ -144,7 +144,9 @@ def main() -> None:
                 (b, "pgolf"): lambda b=b: eval_sliding(model, small, tables, batch_seqs=b, **kw_small)[0].loss
                 for b in (e.batch_seqs, 1)
             }
-            variants[(1, "plain")] = lambda: plain_sliding_nll(model, small, e.seq_len, args.stride)
+            variants[(1, "plain")] = lambda: plain_sliding_nll(
+                model, small, e.seq_len, args.stride, cfg.train.autocast
+            )
             # Interleaved repeats, best time of each (timeit's rule): this machine's speed drifts by ~10%.
             best, losses = {key: float("inf") for key in variants}, []
             for _ in range(args.repeats):

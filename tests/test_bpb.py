@@ -16,6 +16,7 @@ import torch.multiprocessing as tmp_mp
 from conftest import read_docs
 
 from pgolf.data.bytes import BpbMeter, build_byte_tables, load_tokenizer
+from pgolf.runtime import shutdown_distributed
 
 tiny_tokenizer = test_data_common.tiny_tokenizer  # the shared session fixture
 
@@ -121,22 +122,20 @@ def test_meter_sums_float64_masks_and_bpb_formula(tiny_tokenizer: Path) -> None:
 
 def _meter_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        # tables: every id is a 2-byte normal piece, no spaces, no boundaries
-        from pgolf.data.bytes import ByteTables
+    # tables: every id is a 2-byte normal piece, no spaces, no boundaries
+    from pgolf.data.bytes import ByteTables
 
-        tables = ByteTables(
-            torch.full((8,), 2, dtype=torch.int32),
-            torch.zeros(8, dtype=torch.bool),
-            torch.zeros(8, dtype=torch.bool),
-        )
-        meter = BpbMeter(tables)
-        n = 3 + rank  # rank 0 scores 3 targets of nll 1, rank 1 scores 4 targets of nll 2
-        meter.update(torch.full((n,), float(rank + 1)), torch.full((n,), 4), torch.full((n,), 5))
-        res = meter.result()
-        Path(out_dir, f"rank{rank}.txt").write_text(f"{res.loss!r} {res.bpb!r} {res.tokens} {res.bytes}")
-    finally:
-        dist.destroy_process_group()
+    tables = ByteTables(
+        torch.full((8,), 2, dtype=torch.int32),
+        torch.zeros(8, dtype=torch.bool),
+        torch.zeros(8, dtype=torch.bool),
+    )
+    meter = BpbMeter(tables)
+    n = 3 + rank  # rank 0 scores 3 targets of nll 1, rank 1 scores 4 targets of nll 2
+    meter.update(torch.full((n,), float(rank + 1)), torch.full((n,), 4), torch.full((n,), 5))
+    res = meter.result()
+    Path(out_dir, f"rank{rank}.txt").write_text(f"{res.loss!r} {res.bpb!r} {res.tokens} {res.bytes}")
+    shutdown_distributed()
 
 
 @pytest.mark.distributed

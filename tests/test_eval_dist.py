@@ -7,6 +7,7 @@ import math
 import multiprocessing as mp
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,15 +46,21 @@ def run_modes() -> dict:
 def worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
+    from pgolf.runtime import shutdown_distributed
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        res = run_modes()
-        if rank == 0:
-            Path(out).write_text(json.dumps(res))
-    finally:
-        dist.destroy_process_group()
+    res = run_modes()
+    if rank == 0:
+        Path(out).write_text(json.dumps(res))
+    shutdown_distributed()
+    # Skip interpreter teardown: with torch 2.13 a gloo rank that did all its work, wrote its result and
+    # destroyed the group still aborted in 2-3% of runs during finalization ('terminate called without an
+    # active exception', no Python frame), which failed this test on CI. The exit code is not under test.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_two_process_gloo_equals_one_process(tmp_path):

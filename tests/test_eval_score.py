@@ -36,6 +36,10 @@ def test_sliding_matches_unbatched_definition_and_totals():
     # more context helps nothing for a random model, but the numbers must differ from non-overlap
     no = eval_nonoverlap(model, toks, tables, seq_len=32, batch_seqs=4, autocast_mode="off")
     assert no.tokens == res.tokens and no.loss != res.loss
+    # the plain reference honours autocast like the scorer (the benchmark compares them at equal precision)
+    bf16, _ = eval_sliding(model, toks, tables, seq_len=32, stride=8, batch_seqs=5, autocast_mode="bf16")
+    plain_bf16 = plain_sliding_nll(model, toks, 32, 8, autocast_mode="bf16")
+    assert plain_bf16 != expected and math.isclose(bf16.loss, plain_bf16, rel_tol=2e-3)
 
 
 def test_bf16_autocast_close_to_fp32():

@@ -311,3 +311,36 @@ def test_flash_layout_plumbing_matches_sdpa(monkeypatch) -> None:
     with torch.no_grad():  # eval's tail form: 5 query positions against all 12 keys in the last layer
         assert torch.allclose(flash_model.tail_logits(ids, 7), expected[:, 7:], atol=1e-5)
     assert calls[-1] == (2, 5, 4, 8)
+
+
+def reference_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bottom-right aligned causal attention written out: softmax over the visible keys of each query."""
+    heads, kv_heads = q.size(2), k.size(2)
+    k = k.repeat_interleave(heads // kv_heads, dim=2)
+    v = v.repeat_interleave(heads // kv_heads, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.size(-1))
+    off = k.size(1) - q.size(1)
+    visible = torch.ones(q.size(1), k.size(1), dtype=torch.bool).tril(off)
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+@pytest.mark.parametrize("q_len", [37, 32, 8, 5])
+def test_block_causal_inference_attention_matches_reference(monkeypatch, q_len: int) -> None:
+    # CPU inference splits the queries into blocks of CPU_QUERY_BLOCK (each sees only its keys); 8 here so
+    # that 37 queries make 4 full blocks and a ragged one, and a tail of 5 of 37 keys (eval's `first`) one
+    monkeypatch.setattr(attention, "CPU_QUERY_BLOCK", 8)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, q_len, 4, 8, generator=gen)
+    k, v = torch.randn(2, 2, 37, 2, 8, generator=gen).unbind(0)
+    expected = reference_causal(q, k, v)
+    with torch.no_grad():
+        got = attention.causal_attention(q, k, v, "sdpa")
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-5)
+    # training (autograd) keeps one SDPA call: same numbers, and gradients flow
+    q.requires_grad_(True)
+    trained = attention.causal_attention(q, k, v, "sdpa")
+    assert torch.allclose(trained, expected, atol=1e-5)
+    trained.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()

@@ -97,7 +97,7 @@ def worker(rank: int, world: int, port: int, out: str, data_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     os.environ["LOCAL_RANK"] = str(rank)
     torch.set_num_threads(1)
-    from pgolf.runtime import init_distributed
+    from pgolf.runtime import init_distributed, shutdown_distributed
 
     init_distributed("cpu")
     params, bufs = muon_run(rank, world)
@@ -113,7 +113,7 @@ def worker(rank: int, world: int, port: int, out: str, data_dir: str) -> None:
             torch.save(ev.model.state_dict(), f"{out}/live{rank}.pt")
 
     train(cfg, f"{out}/run", on_step=save_live)
-    torch.distributed.destroy_process_group()
+    shutdown_distributed()
 
 
 def spawn_two(out: Path, data_dir: Path, timeout_s: float = 240.0) -> None:

@@ -10,7 +10,7 @@ from pgolf.config import cli as config_cli
 from pgolf.data import cli as data_cli
 from pgolf.eval import cli as eval_cli
 from pgolf.quant import cli as quant_cli
-from pgolf.runtime import keep_freed_memory
+from pgolf.runtime import keep_freed_memory, shutdown_distributed
 from pgolf.submit import cli as submit_cli
 from pgolf.train import cli as train_cli
 
@@ -31,11 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except (ConfigError, FileNotFoundError, ValueError) as err:  # BundleError, ShardError, ... are ValueErrors
         # Expected user errors (bad key, bad file, bad data) get one clear line, not a traceback.
         print(f"pgolf: error: {err}", file=sys.stderr)
+        shutdown_distributed(barrier=False)
         return 2
+    shutdown_distributed()
+    return code
 
 
 if __name__ == "__main__":

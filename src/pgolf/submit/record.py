@@ -15,7 +15,7 @@ from pathlib import Path
 from pgolf.config import from_dict, validate
 from pgolf.config.env import apply_env
 from pgolf.config.overrides import tomllib
-from pgolf.runtime import keep_freed_memory
+from pgolf.runtime import keep_freed_memory, shutdown_distributed
 from pgolf.submit.pipeline import run_pipeline
 
 
@@ -39,4 +39,5 @@ def main(config_toml: str) -> int:
             f"Total submission size: {summary['total_bytes']} bytes "
             f"(artifact {summary['artifact_bytes']} + code {summary['code_bytes']}; cap {summary['cap_bytes']})"
         )
+    shutdown_distributed()
     return 0
