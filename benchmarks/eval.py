@@ -29,7 +29,7 @@ from pgolf.eval.ngram import HintParams, compute_hints
 from pgolf.eval.run_eval import load_eval_data, load_quant_model
 from pgolf.eval.score import eval_nonoverlap, eval_sliding, plain_sliding_nll
 from pgolf.eval.ttt import eval_ttt
-from pgolf.runtime import keep_freed_memory
+from pgolf.runtime import keep_freed_memory, resolve_precision
 
 PARTS = ("hints", "nonoverlap", "sliding", "ttt", "unbatched")
 
@@ -67,6 +67,9 @@ def main() -> None:
     ap.add_argument("--table-bits", type=int, default=0, help="n-gram table bits (0 = the config's)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {PARTS}")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    ap.add_argument(
+        "--autocast", choices=("auto", "off", "bf16"), help="eval precision (default: the run's train.autocast)"
+    )
     args = ap.parse_args()
     keep_freed_memory()  # as the pgolf command does
     parts = [p for p in args.parts.split(",") if p]
@@ -88,6 +91,8 @@ def main() -> None:
             Path(args.data), tok_path, cfg.model.vocab_size, 40 if args.quick else 0
         )
     e, device = cfg.eval, torch.device("cpu")
+    if args.autocast:
+        cfg.train.autocast = args.autocast
     if args.table_bits:
         e.ngram_table_bits = args.table_bits
     print(
@@ -115,6 +120,7 @@ def main() -> None:
             model.set_looping(cfg.model.num_loops > 0)
         sub = tokens[: args.eval_tokens + 1]
         kw = dict(device=device, autocast_mode=cfg.train.autocast)
+        precision = "bf16" if resolve_precision(cfg.train.autocast, device) == "bf16" else "fp32"
         n = sub.numel() - 1
         if "nonoverlap" in parts:
             _, sec = timed(
@@ -163,7 +169,7 @@ def main() -> None:
             summary = (
                 f"sliding eval / plain per-window loop = {plain / batched:.2f}x (target >= 2x); of it, batching"
                 f" {single / batched:.2f}x and the scored-tail forward {plain / single:.2f}x\n"
-                + forward_mfu(model, m, e.seq_len, args.stride, rows[-3:], args.quick)
+                + forward_mfu(model, m, e.seq_len, args.stride, rows[-3:], args.quick, precision)
                 + f"\nloss of the three sliding rows agrees to {max(losses) - min(losses):.1e} nats/token"
             )
 
@@ -178,10 +184,10 @@ def main() -> None:
         print(summary)
 
 
-def forward_mfu(model, targets: int, seq_len: int, stride: int, rows: list, quick: bool) -> str:
+def forward_mfu(model, targets: int, seq_len: int, stride: int, rows: list, quick: bool, precision: str) -> str:
     """MFU of the sliding rows, counting the plain loop's work for all of them: a full forward of every window
-    position (a third of the training FLOPs/token of benchmarks/train_throughput.py) over the fp32 matmul
-    peak measured here. pgolf's rows skip part of that work (last layer and head outside the scored tail),
+    position (a third of the training FLOPs/token of benchmarks/train_throughput.py) over the matmul peak
+    measured here in the precision the eval ran in (bf16 autocast on CUDA and AMX/AVX512-BF16 CPUs). pgolf's rows skip part of that work (last layer and head outside the scored tail),
     so theirs is an effective figure and may pass what the matmul peak allows the plain loop."""
     from train_throughput import flops_per_token, matmul_peak
 
@@ -190,9 +196,9 @@ def forward_mfu(model, targets: int, seq_len: int, stride: int, rows: list, quic
     windows = sliding_windows(targets, seq_len, stride)
     positions = int(windows[:, 1].sum())  # every window position runs a forward
     fwd = flops_per_token(model, seq_len) / 3.0
-    peak = matmul_peak(512 if quick else 2048, "fp32", 0, 0.5 if quick else 3.0)
+    peak = matmul_peak(512 if quick else 2048, precision, 0, 0.5 if quick else 3.0)
     parts = [
-        f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; full forward {fwd / 1e6:.2f} MFLOP/position; MFU of a"
+        f"{precision} matmul peak {peak / 1e9:.0f} GFLOP/s; full forward {fwd / 1e6:.2f} MFLOP/position; MFU of a"
         " full forward of every window position"
     ]
     for name, _count, sec in rows:
