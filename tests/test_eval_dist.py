@@ -6,24 +6,17 @@ import json
 import math
 import multiprocessing as mp
 import os
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dist_common import end_worker, free_port
 from test_eval_common import tiny_eval_cfg, tiny_model, tiny_stream, tiny_tables  # noqa: F401
 
 pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("one_thread")]
 
 N_TOKENS = 301
 CFG = dict(ttt_lr=0.3, ttt_epochs=2, ttt_chunk_tokens=96, ttt_batch_seqs=1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_modes() -> dict:
@@ -46,21 +39,13 @@ def run_modes() -> dict:
 def worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from pgolf.runtime import shutdown_distributed
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     res = run_modes()
     if rank == 0:
         Path(out).write_text(json.dumps(res))
-    shutdown_distributed()
-    # Skip interpreter teardown: with torch 2.13 a gloo rank that did all its work, wrote its result and
-    # destroyed the group still aborted in 2-3% of runs during finalization ('terminate called without an
-    # active exception', no Python frame), which failed this test on CI. The exit code is not under test.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_worker()
 
 
 def test_two_process_gloo_equals_one_process(tmp_path):

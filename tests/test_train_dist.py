@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from dist_common import end_worker, free_port
 
 from pgolf.config import preset
 from pgolf.model import GPT
@@ -23,12 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHAPES = [(48, 32), (32, 48), (32, 32), (32, 48), (96, 32)]
 GLOBAL_SEQS, SEQ_LEN, STEPS = 4, 32, 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def muon_run(rank: int, world: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -97,7 +91,7 @@ def worker(rank: int, world: int, port: int, out: str, data_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     os.environ["LOCAL_RANK"] = str(rank)
     torch.set_num_threads(1)
-    from pgolf.runtime import init_distributed, shutdown_distributed
+    from pgolf.runtime import init_distributed
 
     init_distributed("cpu")
     params, bufs = muon_run(rank, world)
@@ -113,7 +107,7 @@ def worker(rank: int, world: int, port: int, out: str, data_dir: str) -> None:
             torch.save(ev.model.state_dict(), f"{out}/live{rank}.pt")
 
     train(cfg, f"{out}/run", on_step=save_live)
-    shutdown_distributed()
+    end_worker()
 
 
 def spawn_two(out: Path, data_dir: Path, timeout_s: float = 240.0) -> None:
