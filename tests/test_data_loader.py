@@ -84,8 +84,9 @@ def test_ranks_own_disjoint_shards(tmp_path: Path) -> None:
         shard, _ = decode(loader.next_batch(int(loader.remaining.sum()))[0])
         owned.append(set(shard.tolist()))
     assert owned == [{0, 2, 4}, {1, 3}]
-    with pytest.raises(ValueError, match="rank 5 of 6 gets no training shard"):
-        ShuffledSequenceLoader(files, seq_len=40, rank=5, world_size=6)
+    for rank in (0, 5):  # every rank refuses, not only the ones left without a shard
+        with pytest.raises(ValueError, match=f"rank {rank}: 5 train shard\\(s\\) for 6 ranks leave ranks 5..5"):
+            ShuffledSequenceLoader(files, seq_len=40, rank=rank, world_size=6)
 
 
 def test_resume_continues_identically(tmp_path: Path) -> None:

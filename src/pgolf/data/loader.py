@@ -48,12 +48,14 @@ class ShuffledSequenceLoader:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.files = [Path(p) for p in files][rank::world_size]
-        if not self.files:
+        if len(files) < world_size:
+            # raised on every rank alike: a check only the shard-less ranks fail leaves the others to crash
+            # in their first all-reduce with 'connection closed by peer'
             raise ValueError(
-                f"rank {rank} of {world_size} gets no training shard ({len(files)} shard(s) in total): "
-                "use at least as many train shards as ranks"
+                f"rank {rank}: {len(files)} train shard(s) for {world_size} ranks leave ranks "
+                f"{len(files)}..{world_size - 1} without one; use at least as many train shards as ranks"
             )
+        self.files = [Path(p) for p in files][rank::world_size]
         self.seq_len, self.rank, self.world_size, self.seed = seq_len, rank, world_size, seed
         self.tokens = [read_shard(p) for p in self.files]  # memmaps, validated once
         self.num_tokens = np.array([len(t) for t in self.tokens], dtype=np.int64)
