@@ -68,7 +68,9 @@ def main() -> None:
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {PARTS}")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     ap.add_argument(
-        "--autocast", choices=("auto", "off", "bf16"), help="eval precision (default: the run's train.autocast)"
+        "--autocast",
+        choices=("auto", "off", "bf16"),
+        help="eval precision (default: the run's train.autocast)",
     )
     args = ap.parse_args()
     keep_freed_memory()  # as the pgolf command does
@@ -184,11 +186,14 @@ def main() -> None:
         print(summary)
 
 
-def forward_mfu(model, targets: int, seq_len: int, stride: int, rows: list, quick: bool, precision: str) -> str:
+def forward_mfu(
+    model, targets: int, seq_len: int, stride: int, rows: list, quick: bool, precision: str
+) -> str:
     """MFU of the sliding rows, counting the plain loop's work for all of them: a full forward of every window
     position (a third of the training FLOPs/token of benchmarks/train_throughput.py) over the matmul peak
-    measured here in the precision the eval ran in (bf16 autocast on CUDA and AMX/AVX512-BF16 CPUs). pgolf's rows skip part of that work (last layer and head outside the scored tail),
-    so theirs is an effective figure and may pass what the matmul peak allows the plain loop."""
+    measured here in the eval's precision (`precision`: bf16 or fp32). pgolf's rows skip part of that work
+    (last layer and head outside the scored tail), so theirs is an effective figure and may pass what the
+    matmul peak allows the plain loop."""
     from train_throughput import flops_per_token, matmul_peak
 
     from pgolf.eval.score import sliding_windows
@@ -198,8 +203,8 @@ def forward_mfu(model, targets: int, seq_len: int, stride: int, rows: list, quic
     fwd = flops_per_token(model, seq_len) / 3.0
     peak = matmul_peak(512 if quick else 2048, precision, 0, 0.5 if quick else 3.0)
     parts = [
-        f"{precision} matmul peak {peak / 1e9:.0f} GFLOP/s; full forward {fwd / 1e6:.2f} MFLOP/position; MFU of a"
-        " full forward of every window position"
+        f"{precision} matmul peak {peak / 1e9:.0f} GFLOP/s; full forward {fwd / 1e6:.2f} MFLOP/position;"
+        " MFU of a full forward of every window position"
     ]
     for name, _count, sec in rows:
         parts.append(f"{name}: {positions * fwd / sec / peak:.0%}")

@@ -330,6 +330,14 @@ def test_block_causal_inference_attention_matches_reference(monkeypatch, q_len: 
     # CPU inference splits the queries into blocks of CPU_QUERY_BLOCK (each sees only its keys); 8 here so
     # that 37 queries make 4 full blocks and a ragged one, and a tail of 5 of 37 keys (eval's `first`) one
     monkeypatch.setattr(attention, "CPU_QUERY_BLOCK", 8)
+    calls = []
+    sdpa = attention._sdpa
+
+    def counting_sdpa(*args):
+        calls.append(args[0].size(1))
+        return sdpa(*args)
+
+    monkeypatch.setattr(attention, "_sdpa", counting_sdpa)
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(2, q_len, 4, 8, generator=gen)
     k, v = torch.randn(2, 2, 37, 2, 8, generator=gen).unbind(0)
@@ -338,9 +346,12 @@ def test_block_causal_inference_attention_matches_reference(monkeypatch, q_len: 
         got = attention.causal_attention(q, k, v, "sdpa")
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, atol=1e-5)
-    # training (autograd) keeps one SDPA call: same numbers, and gradients flow
+    assert calls == [min(8, q_len - a) for a in range(0, q_len, 8)]  # query blocks of 8, the last ragged
+    # training (autograd) keeps one SDPA call over all queries: same numbers, and gradients flow
+    calls.clear()
     q.requires_grad_(True)
     trained = attention.causal_attention(q, k, v, "sdpa")
+    assert calls == [q_len]
     assert torch.allclose(trained, expected, atol=1e-5)
     trained.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()

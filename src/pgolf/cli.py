@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:  # BundleError, ShardError, ... are ValueErrors
         # Expected user errors (bad key, bad file, bad data) get one clear line, not a traceback.
         print(f"pgolf: error: {err}", file=sys.stderr)
-        shutdown_distributed(barrier=False)
+        shutdown_distributed(wait=False)
         return 2
     shutdown_distributed()
     return code

@@ -65,19 +65,24 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
-def shutdown_distributed(barrier: bool = True) -> None:
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown_distributed(wait: bool = True) -> None:
     """Leave the process group cleanly: a barrier, then destroy it (no-op without one).
 
-    Without the barrier a rank that finishes first tears down its gloo pairs while the other still uses
-    them, and without the destroy the gloo threads die in interpreter teardown: either way a process that
-    did all its work can abort at exit ('terminate called without an active exception', SIGABRT), which
-    torchrun reports as a failed run. Seen in ~1 of 10 two-process gloo runs before this existed.
-    `barrier=False` on error paths, where the other ranks may never arrive.
+    The barrier keeps a rank that finishes first from tearing down its pairs while another is still in a
+    collective; the destroy is what torch asks of every process before it exits. It does not cure a rarer
+    abort inside torch 2.13's gloo teardown (see tests/dist_common.py). `wait=False` (no barrier) on error
+    paths, where the other ranks may never arrive.
     """
     if dist.is_initialized():
         try:
-            if barrier:
-                dist.barrier()
+            if wait:
+                barrier()
         finally:
             dist.destroy_process_group()
 

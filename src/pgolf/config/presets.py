@@ -157,11 +157,11 @@ def cpu_golf() -> RunConfig:
       steps at 10,600 tokens/s (was 579), dev val quant 1.92670 (7.5 s), sliding stride 128 1.87713
       (21.6 s), **stride 64 1.87499** (41.5 s), so stride 64 replaced 128. On the full val split quant +
       stride 64 took 405.6 s of the 600 s (60.5 + 345.0); stride 32, twice the sliding pass, does not fit.
-    * On 2 cores of an EPYC with AVX512-BF16, `train.autocast=auto` trains and evaluates in bf16: full val,
-      two runs of this preset (`pgolf run --preset cpu-golf`, seed 1337) 1,146 / 921 steps at 15,700 /
-      12,632 tokens/s (the machine's speed drifts), quant 1.85881 / 1.88700, sliding **1.81618 / 1.84522**,
-      eval 272.8 / 281.8 s. Stride 32 (~2x the 230-240 s sliding pass) would still not fit on the AVX2
-      machine, so the plan stays the same on both.
+    * On 2 cores of an EPYC with AVX512-BF16, `train.autocast=auto` trains and evaluates in bf16. Full val,
+      `pgolf run --preset cpu-golf`, seed 1337, two sessions (the machine's speed drifts): 1,146 / 921
+      steps at 15,700 / 12,632 tokens/s, quant 1.85881 / 1.88700, sliding **1.81618 / 1.84522** (229.1 /
+      240.8 s), eval 272.8 / 281.8 s. The plan is unchanged: stride 32 doubles the sliding pass, which the
+      AVX2 machine's 345 s already rules out.
     """
     cfg = _cpu_track(pr1541())
     cfg.preset = "cpu-golf"

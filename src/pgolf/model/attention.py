@@ -39,12 +39,12 @@ def resolve_backend(requested: str, device_type: str) -> str:
     raise ValueError(f"model.attention_backend={requested!r}; expected one of auto, flash, sdpa")
 
 
-# CPU inference: SDPA's CPU flash kernel works in key blocks of up to 512 and does not skip the masked upper
-# triangle at T <= 512 (causal costs as much as full attention). Splitting the queries into blocks of this
-# many, each attending only to the keys it can see, removes part of that work. cpu-golf shapes ([B,512,4,24]
-# bf16, ms per sequence and layer, best of 5): B=32 1.32 -> 1.08 and 1.07 -> 0.86 with 256; blocks of 64 or
-# 128 gained less at B=32 and cost up to 40% at B=1, 256 is neutral at B=1. Only without autograd: under
-# backward the split was slower (B=16 fwd+bwd 60.6 -> 74 ms with blocks of 64).
+# CPU inference: SDPA's CPU kernel does not skip the masked upper triangle at T = 512 (no-grad
+# [32,4,512,24] bf16: causal 33.3 ms, full 34.0 ms). Splitting the queries into blocks of this many, each
+# over the keys it can see, removes part of that work. cpu-golf shapes ([B,512,4,24], ms per sequence and
+# layer, best of 5): B=32 bf16 1.32 -> 1.08, fp32 1.02 -> 0.81; blocks of 64 or 128 gained less at B=32 and
+# cost up to 40% at B=1, where 256 is neutral. Training keeps the single call: isolated fwd+bwd at B=16 bf16
+# ran 64 -> 57 ms with blocks of 256, but the split is not measured on the train step yet.
 CPU_QUERY_BLOCK = 256
 
 
@@ -59,16 +59,20 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
         out = flash_attn_func(q, k, v, causal=True)
         # Some FA3 releases return (out, softmax_lse).
         return out[0] if isinstance(out, tuple) else out
-    q_len, block = q.size(1), CPU_QUERY_BLOCK
+    off = k.size(1) - q.size(1)
     inference = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-    if q.device.type != "cpu" or not inference or q_len <= block:
-        return _sdpa(q, k, v, k.size(1) - q_len)
-    off = k.size(1) - q_len
-    blocks = [
+    if q.device.type == "cpu" and inference and q.size(1) > CPU_QUERY_BLOCK:
+        return _block_causal(q, k, v, off, CPU_QUERY_BLOCK)
+    return _sdpa(q, k, v, off)
+
+
+def _block_causal(q: Tensor, k: Tensor, v: Tensor, off: int, block: int) -> Tensor:
+    """`_sdpa(q, k, v, off)` computed `block` queries at a time, each block over the keys it can see."""
+    outs = [
         _sdpa(q[:, a : a + block], k[:, : off + a + block], v[:, : off + a + block], off + a)
-        for a in range(0, q_len, block)
+        for a in range(0, q.size(1), block)
     ]
-    return torch.cat(blocks, dim=1)
+    return torch.cat(outs, dim=1)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, off: int) -> Tensor:

@@ -10,20 +10,13 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as torch_dist
-
 from pgolf.config import RunConfig
 from pgolf.eval.run_eval import evaluate_run
 from pgolf.quant.budget import quant_reserve_seconds
 from pgolf.quant.pipeline import OverCapError, quantize_run
-from pgolf.runtime import init_distributed
+from pgolf.runtime import barrier, init_distributed
 from pgolf.submit.summary import format_summary, run_budgets, write_summary
 from pgolf.train.loop import train
-
-
-def _barrier() -> None:
-    if torch_dist.is_initialized():
-        torch_dist.barrier()
 
 
 def run_pipeline(
@@ -42,16 +35,16 @@ def run_pipeline(
             f"pgolf run {cfg.preset} -> {run_dir} (world {dist.world_size}, quantization reserve {reserve:.1f} s)"
         )
     train(cfg, run_dir, resume=resume, quant_reserve_seconds=reserve)
-    _barrier()
+    barrier()
     over_cap = None
     try:
         quantize_run(run_dir, verbose=verbose, code_bytes=code_bytes)
     except OverCapError as err:
         # No valid artifact: score only the unquantized weights (diagnostic), then report the failure.
         over_cap = err
-    _barrier()  # rank 0 wrote model.ptz; every rank evaluates it
+    barrier()  # rank 0 wrote model.ptz; every rank evaluates it
     evaluate_run(run_dir, modes=["prequant"] if over_cap else None)
-    _barrier()
+    barrier()
     summary = write_summary(run_dir) if dist.is_main else {}
     if verbose and dist.is_main:
         train_budget, eval_budget = run_budgets(run_dir)
