@@ -14,6 +14,7 @@ from pgolf.config.overrides import (
     ConfigError,
     apply_mapping,
     apply_sets,
+    check_fields,
     from_dict,
     load_toml,
     set_value,
@@ -62,7 +63,8 @@ def preset(name: str) -> RunConfig:
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Cross-field checks that no single field can make; errors name the offending keys."""
+    """Every field against its declared choices/range, then the cross-field checks; errors name the keys."""
+    check_fields(cfg)
     m, d, e = cfg.model, cfg.data, cfg.eval
     if m.model_dim % m.num_heads:
         raise ConfigError(f"model.model_dim={m.model_dim} must be divisible by model.num_heads={m.num_heads}")
@@ -80,14 +82,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         )
     if m.parallel_mode != "none" and not 0 <= m.parallel_start < m.num_layers:
         raise ConfigError(f"model.parallel_start={m.parallel_start} must be in [0, {m.num_layers})")
-    if not 1 <= m.vocab_size <= 65536:
-        raise ConfigError(f"model.vocab_size={m.vocab_size} must be in [1, 65536] (uint16 shards)")
     if d.train_batch_tokens % d.train_seq_len:
         raise ConfigError(
             f"data.train_batch_tokens={d.train_batch_tokens} must be a multiple of data.train_seq_len={d.train_seq_len}"
         )
-    if e.stride <= 0 or e.stride > e.seq_len:
-        raise ConfigError(f"eval.stride={e.stride} must be in [1, eval.seq_len={e.seq_len}]")
+    if e.stride > e.seq_len:
+        raise ConfigError(f"eval.stride={e.stride} must be <= eval.seq_len={e.seq_len}")
     return cfg
 
 

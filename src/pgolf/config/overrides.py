@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from pgolf.config.schema import CHOICES, EVAL_MODES, SECTIONS, RunConfig
+from pgolf.config.schema import CHOICES, EVAL_MODES, RANGES, SECTIONS, RunConfig
 
 try:  # Python 3.11+
     import tomllib
@@ -94,19 +94,51 @@ def set_value(cfg: RunConfig, key: str, value: Any) -> None:
     """Set `cfg.<section>.<field>` from a dotted key, converting and checking the value."""
     section, name, tp = _resolve_key(cfg, key)
     converted = coerce(key, tp, value)
-    _check_choice(key, converted)
+    check_field(key, converted)
     setattr(section, name, converted)
 
 
-def _check_choice(key: str, value: Any) -> None:
+def check_field(key: str, value: Any) -> None:
+    """The value of one field against its declared choices or range (schema.CHOICES / schema.RANGES)."""
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"config key '{key}': expected one of {', '.join(CHOICES[key])}, got {value!r}")
+    if key in RANGES and value not in RANGES[key]:
+        raise ConfigError(f"config key '{key}': expected a number {RANGES[key]}, got {value!r}")
     if key == "eval.plan":
         bad = [m for m in value if m not in EVAL_MODES]
         if bad:
             raise ConfigError(
                 f"config key 'eval.plan': unknown modes {bad}; expected a subset of {EVAL_MODES}"
             )
+
+
+def check_fields(cfg: RunConfig) -> None:
+    """check_field for every field of `cfg` (a config built in Python skips set_value)."""
+    for section in SECTIONS:
+        for name, value in dataclasses.asdict(getattr(cfg, section)).items():
+            check_field(f"{section}.{name}", value)
+
+
+def allowed_text(key: str) -> str:
+    """What a field accepts, in words, for help texts: its choices, its range, or ''."""
+    if key in CHOICES:
+        return " | ".join(CHOICES[key])
+    if key in RANGES:
+        return str(RANGES[key])
+    if key == "eval.plan":
+        return "subset of " + ",".join(EVAL_MODES)
+    return ""
+
+
+def describe_keys(cfg: RunConfig) -> list[tuple[str, str, str, str]]:
+    """(key, type, value in cfg, allowed values) for every field: the table `pgolf config keys` prints."""
+    rows = []
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        for name, tp in _field_types(obj).items():
+            key = f"{section}.{name}"
+            rows.append((key, _type_name(tp), _toml_value(getattr(obj, name)), allowed_text(key)))
+    return rows
 
 
 def apply_sets(cfg: RunConfig, assignments: list[str]) -> None:

@@ -65,6 +65,8 @@ class OptimConfig:
     muon_backend_steps: int = 5  # MUON_BACKEND_STEPS
     muon_row_normalize: bool = True  # MUON_ROW_NORMALIZE (MuonEq-R)
     muon_ns_dtype: str = "auto"  # Newton–Schulz precision: auto (bf16 where fast, as train.autocast) | bf16 | fp32
+    muon_ns_coeffs: str = "quintic"  # quintic: (3.4445, −4.775, 2.0315) every step | polar_express (#1855, <= 5 steps)
+    muon_momentum_dtype: str = "fp32"  # Muon momentum buffer: fp32 | bf16 (#1529/#1557 parallel Muon keep it in bf16)
     muon_nesterov: bool = True
     muon_wd: float = 0.085  # MUON_WD
     beta1: float = 0.9  # BETA1
@@ -75,7 +77,7 @@ class OptimConfig:
     grad_clip_norm: float = 0.3  # GRAD_CLIP_NORM (0 = off)
     warmdown_frac: float = 0.667  # WARMDOWN_FRAC
     warmdown_iters: int = 0  # >0: warmdown spans this many steps at the measured mean step time (baseline)
-    min_lr: float = 0.0  # MIN_LR
+    min_lr: float = 0.0  # MIN_LR: floor on the warmdown factor, lr = base·max((1 − frac)/W, MIN_LR)
     ema_decay: float = 0.997  # EMA_DECAY (0 = no EMA: export the live weights)
     ema_start_frac: float = 0.0  # EMA tracks the live weights until this training fraction
 
@@ -156,13 +158,16 @@ class RunConfig:
 
 SECTIONS = ("data", "model", "optim", "train", "quant", "eval")
 
-# Closed vocabularies, checked by validate(): a typo in a mode name is an error, not a silent default.
+# The allowed values of every closed or bounded field, declared once: set_value() checks a key as it is set,
+# validate() checks a whole RunConfig (presets, TOML, env, --set alike), and `pgolf config keys` prints them.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.mlp_activation": ("leaky_relu2", "relu2"),
     "model.parallel_mode": ("none", "gptj", "lanes1541", "lanes1529"),
     "model.parallel_final_lane": ("mlp", "mean", "attn"),
     "model.attention_backend": ("auto", "flash", "sdpa"),
     "optim.muon_ns_dtype": ("auto", "bf16", "fp32"),
+    "optim.muon_ns_coeffs": ("quintic", "polar_express"),
+    "optim.muon_momentum_dtype": ("fp32", "bf16"),
     "train.compile": ("auto", "on", "off"),
     "train.autocast": ("auto", "bf16", "off"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -172,3 +177,112 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "quant.method": ("gptq", "rtn"),
 }
 EVAL_MODES = ("prequant", "quant", "sliding", "ttt", "ngram")
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval of allowed numbers; `low`/`high` None = unbounded, `*_open` = the bound itself is excluded."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+    def __str__(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        return " and ".join(parts)
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1)  # [0, 1]
+DECAY = Range(0, 1, high_open=True)  # [0, 1): momenta, betas, EMA decays
+
+RANGES: dict[str, Range] = {
+    "data.train_seq_len": POSITIVE,
+    "data.train_batch_tokens": POSITIVE,
+    "data.grad_accum": NON_NEGATIVE,
+    "data.shuffle_seed": NON_NEGATIVE,
+    "data.max_val_tokens": NON_NEGATIVE,
+    "model.vocab_size": Range(1, 65536),  # uint16 shards
+    "model.num_layers": POSITIVE,
+    "model.model_dim": POSITIVE,
+    "model.num_heads": POSITIVE,
+    "model.num_kv_heads": POSITIVE,
+    "model.mlp_mult": POSITIVE,
+    "model.tied_embed_init_std": NON_NEGATIVE,
+    "model.logit_softcap": NON_NEGATIVE,
+    "model.rope_base": POSITIVE,
+    "model.rope_dims": NON_NEGATIVE,
+    "model.xsa_last_n": NON_NEGATIVE,
+    "model.num_loops": NON_NEGATIVE,
+    "model.loop_start": NON_NEGATIVE,
+    "model.loop_end": NON_NEGATIVE,
+    "model.enable_looping_at": FRACTION,
+    "model.parallel_start": NON_NEGATIVE,
+    "optim.matrix_lr": NON_NEGATIVE,
+    "optim.scalar_lr": NON_NEGATIVE,
+    "optim.tied_embed_lr": NON_NEGATIVE,
+    "optim.embed_lr": NON_NEGATIVE,
+    "optim.head_lr": NON_NEGATIVE,
+    "optim.muon_momentum": DECAY,
+    "optim.muon_momentum_warmup_start": DECAY,
+    "optim.muon_momentum_warmup_steps": NON_NEGATIVE,
+    "optim.muon_momentum_warmup_frac": FRACTION,
+    "optim.muon_backend_steps": Range(1),
+    "optim.muon_wd": NON_NEGATIVE,
+    "optim.beta1": DECAY,
+    "optim.beta2": DECAY,
+    "optim.adam_eps": POSITIVE,
+    "optim.adam_wd": NON_NEGATIVE,
+    "optim.embed_wd": NON_NEGATIVE,
+    "optim.grad_clip_norm": NON_NEGATIVE,
+    "optim.warmdown_frac": FRACTION,
+    "optim.warmdown_iters": NON_NEGATIVE,
+    "optim.min_lr": FRACTION,
+    "optim.ema_decay": DECAY,
+    "optim.ema_start_frac": FRACTION,
+    "train.iterations": NON_NEGATIVE,
+    "train.max_wallclock_seconds": NON_NEGATIVE,
+    "train.warmup_steps": NON_NEGATIVE,
+    "train.log_every": NON_NEGATIVE,
+    "train.val_every": NON_NEGATIVE,
+    "train.val_max_tokens": NON_NEGATIVE,
+    "train.checkpoint_every": NON_NEGATIVE,
+    "quant.clip_percentile": Range(0, 100),
+    "quant.calibration_batches": NON_NEGATIVE,
+    "quant.calibration_batch_tokens": NON_NEGATIVE,
+    "quant.matrix_clip_sigmas": POSITIVE,
+    "quant.embed_clip_sigmas": POSITIVE,
+    "quant.hessian_clip_lambda": NON_NEGATIVE,
+    "quant.gptq_damp": NON_NEGATIVE,
+    "quant.gptq_block_size": POSITIVE,
+    "quant.cap_bytes": POSITIVE,
+    "eval.seq_len": POSITIVE,
+    "eval.stride": POSITIVE,
+    "eval.batch_seqs": POSITIVE,
+    "eval.time_budget_seconds": NON_NEGATIVE,
+    "eval.ttt_lr": NON_NEGATIVE,
+    "eval.ttt_epochs": NON_NEGATIVE,
+    "eval.ttt_momentum": DECAY,
+    "eval.ttt_chunk_tokens": POSITIVE,
+    "eval.ttt_freeze_blocks": NON_NEGATIVE,
+    "eval.ttt_batch_seqs": POSITIVE,
+    "eval.ttt_grad_clip": NON_NEGATIVE,
+    "eval.ngram_base_beta": NON_NEGATIVE,
+    "eval.ngram_agree_bonus": NON_NEGATIVE,
+    "eval.ngram_min_order": POSITIVE,
+    "eval.ngram_max_order": POSITIVE,
+    "eval.ngram_order_stride": POSITIVE,
+    "eval.ngram_token_threshold_scale": NON_NEGATIVE,
+    "eval.ngram_table_bits": Range(1, 32),
+}

@@ -5,7 +5,7 @@
 """
 
 from pgolf.optim.groups import OptimizerSet, ParamGroups, build_optimizers, split_params
-from pgolf.optim.muon import Muon, newton_schulz, shape_scale
+from pgolf.optim.muon import Muon, newton_schulz, ns_coefficients, shape_scale
 from pgolf.optim.schedule import lr_multiplier, muon_momentum, train_budget_seconds, training_fraction
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "lr_multiplier",
     "muon_momentum",
     "newton_schulz",
+    "ns_coefficients",
     "shape_scale",
     "split_params",
     "train_budget_seconds",

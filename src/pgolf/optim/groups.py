@@ -130,6 +130,8 @@ def build_optimizers(
             row_normalize=cfg.muon_row_normalize,
             weight_decay=cfg.muon_wd,
             ns_dtype=_ns_dtype(cfg.muon_ns_dtype, groups.matrix[0][1].device),
+            ns_coeffs=cfg.muon_ns_coeffs,
+            momentum_dtype=cfg.muon_momentum_dtype,
             rank=dist.rank,
             world_size=dist.world_size,
         )
@@ -166,7 +168,7 @@ def build_optimizers(
 
 
 def _ns_dtype(mode: str, device: torch.device) -> str:
-    """'auto': bf16 Newton–Schulz where bf16 matmuls are fast (as the records on H100), fp32 elsewhere."""
+    """'auto': bf16 Newton–Schulz where bf16 matmuls are fast (as the records on CUDA), fp32 elsewhere."""
     if mode != "auto":
         return mode
     return "bf16" if resolve_precision("auto", device) == "bf16" else "fp32"
