@@ -54,3 +54,23 @@ def test_muon_momentum_warmup():
     assert muon_momentum(0, 0.5, frac_based) == pytest.approx(0.97)
     no_warmup = OptimConfig(muon_momentum=0.95, muon_momentum_warmup_steps=0)
     assert muon_momentum(0, 0.0, no_warmup) == 0.95
+
+
+def test_pr1855_schedule_spec_1855_section_2():
+    """MIN_LR is a multiplicative floor on the warmdown factor: mult = max((1 − frac)/0.85, 0.1); decay
+    starts at frac 0.15 and the floor takes over at frac 0.915. Momentum 0.92 → 0.97 over 1500 steps."""
+    from pgolf.config import preset
+
+    oc = preset("pr1855").optim
+    assert lr_multiplier(0.10, oc) == 1.0
+    assert lr_multiplier(0.15, oc) == pytest.approx(1.0)
+    assert lr_multiplier(0.575, oc) == pytest.approx(0.5)  # 0.425 / 0.85
+    assert lr_multiplier(0.915, oc) == pytest.approx(0.1)  # 0.085 / 0.85: where the floor begins
+    assert lr_multiplier(0.95, oc) == pytest.approx(0.1) and lr_multiplier(1.0, oc) == pytest.approx(0.1)
+    assert muon_momentum(0, 0.0, oc) == pytest.approx(0.92)
+    assert muon_momentum(750, 0.3, oc) == pytest.approx(0.945)
+    assert muon_momentum(1500, 0.4, oc) == pytest.approx(0.97) and muon_momentum(
+        4000, 0.9, oc
+    ) == pytest.approx(0.97)
+    tc = preset("pr1855").train
+    assert train_budget_seconds(tc, tc.quant_reserve_seconds) == 592.0  # 600 s minus the 8 s GPTQ reserve

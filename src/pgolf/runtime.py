@@ -168,9 +168,7 @@ def keep_freed_memory() -> bool:
 
     A CPU training step or eval batch allocates and frees the same multi-MB activations every call; by
     default glibc serves many of them with fresh mmaps and returns freed heap tops to the OS, so every step
-    page-faults its memory back in (34.9M minor faults in a 600 s cpu-golf run). Keeping it: cpu-golf trained
-    at 9,967 instead of 8,667 tokens/s (two 600 s runs) and sliding eval batches of 32 windows ran ~25%
-    faster, with identical numbers.
+    page-faults its memory back in (measured gains: docs/presets/cpu-golf-2mb.md).
     The cost is a process RSS that stays at its peak. Returns whether the setting was applied.
     """
     if not sys.platform.startswith("linux"):
