@@ -137,7 +137,8 @@ def describe_keys(cfg: RunConfig) -> list[tuple[str, str, str, str]]:
         obj = getattr(cfg, section)
         for name, tp in _field_types(obj).items():
             key = f"{section}.{name}"
-            rows.append((key, _type_name(tp), _toml_value(getattr(obj, name)), allowed_text(key)))
+            allowed = allowed_text(key) or ("true | false" if tp is bool else "")
+            rows.append((key, _type_name(tp), _toml_value(getattr(obj, name)), allowed))
     return rows
 
 
