@@ -8,6 +8,11 @@ encoded as [BOS=1] + ids with no EOS; shards hold at most `shard_tokens` tokens,
 splits, documents span shard boundaries freely. Tokenization runs in a pool of worker processes (one
 SentencePiece processor each, batched encode of `chunk_docs` documents per task, results in input order,
 a bounded number of tasks in flight), so memory stays at one shard buffer plus a few chunks.
+
+With `caseops` (SPEC-1855 §1) every document goes through the CaseOps case transform before it is
+encoded, the tokenizer must reserve the four operators at ids 4-7 (a trained one gets them as
+user_defined_symbols), and each val shard gets its byte sidecar fineweb_val_bytes_NNNNNN.bin: the original
+UTF-8 bytes of every token (pgolf.data.sidecar), which val_bpb then divides by.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from pgolf.data.shards import MAX_SHARD_TOKENS, shard_name, write_shard
+from pgolf.data import caseops as case_transform
+from pgolf.data.shards import MAX_SHARD_TOKENS, shard_name, sidecar_name, write_shard
 from pgolf.fileio import atomic_write_json
 
 BOS_ID = 1
@@ -124,8 +130,10 @@ def iter_documents(files: Iterable[Path]) -> Iterator[str]:
             yield from _jsonl_texts(path)
 
 
-def encode_documents(sp, texts: list[str], num_threads: int = 1) -> np.ndarray:
+def encode_documents(sp, texts: list[str], num_threads: int = 1, caseops: bool = False) -> np.ndarray:
     """[BOS] + ids per document, concatenated as uint16 (per-document arrays, no per-token Python)."""
+    if caseops:
+        texts = [case_transform.encode(t) for t in texts]
     bos = np.array([BOS_ID], dtype=np.uint16)
     parts: list[np.ndarray] = []
     for ids in sp.encode(texts, num_threads=num_threads):
@@ -134,18 +142,35 @@ def encode_documents(sp, texts: list[str], num_threads: int = 1) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
 
-_WORKER_SP = None  # the SentencePiece processor of a pool worker
+class _Encoder:
+    """Documents -> (tokens, val byte sidecar or None); one per process."""
+
+    def __init__(self, model_path: str, caseops: bool):
+        import sentencepiece as spm
+
+        from pgolf.data.sidecar import piece_table
+
+        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        self.caseops = caseops
+        self.table = piece_table(self.sp) if caseops else None
+
+    def __call__(self, split: str, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        from pgolf.data.sidecar import token_bytes
+
+        tokens = encode_documents(self.sp, texts, caseops=self.caseops)
+        return tokens, (token_bytes(tokens, self.table) if self.caseops and split == "val" else None)
 
 
-def _init_worker(model_path: str) -> None:
-    global _WORKER_SP
-    import sentencepiece as spm
-
-    _WORKER_SP = spm.SentencePieceProcessor(model_file=model_path)
+_WORKER: _Encoder | None = None  # the encoder of a pool worker
 
 
-def _encode_in_worker(texts: list[str]) -> np.ndarray:
-    return encode_documents(_WORKER_SP, texts)
+def _init_worker(model_path: str, caseops: bool) -> None:
+    global _WORKER
+    _WORKER = _Encoder(model_path, caseops)
+
+
+def _encode_in_worker(split: str, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    return _WORKER(split, texts)
 
 
 def _split_chunks(docs: Iterator[str], val_docs: int, chunk_docs: int) -> Iterator[tuple[str, list[str]]]:
@@ -165,23 +190,21 @@ def _split_chunks(docs: Iterator[str], val_docs: int, chunk_docs: int) -> Iterat
 
 
 def _encoded_chunks(
-    chunks: Iterator[tuple[str, list[str]]], model_path: Path, workers: int
-) -> Iterator[tuple[str, int, np.ndarray]]:
-    """(split, num_docs, tokens) per chunk, in input order, encoded by `workers` processes."""
+    chunks: Iterator[tuple[str, list[str]]], model_path: Path, workers: int, caseops: bool = False
+) -> Iterator[tuple[str, int, tuple[np.ndarray, np.ndarray | None]]]:
+    """(split, num_docs, (tokens, sidecar)) per chunk, in input order, encoded by `workers` processes."""
     if workers <= 1:
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor(model_file=str(model_path))
+        encoder = _Encoder(str(model_path), caseops)
         for split, texts in chunks:
-            yield split, len(texts), encode_documents(sp, texts)
+            yield split, len(texts), encoder(split, texts)
         return
     # spawn: workers start clean (no forked torch/OpenMP state); they import only numpy + sentencepiece.
     ctx = mp.get_context("spawn")
     max_in_flight = 4 * workers  # bounds the text and tokens held in queues
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(model_path),)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(model_path), caseops)) as pool:
         pending: deque = deque()
         for split, texts in chunks:
-            pending.append((split, len(texts), pool.apply_async(_encode_in_worker, (texts,))))
+            pending.append((split, len(texts), pool.apply_async(_encode_in_worker, (split, texts))))
             if len(pending) >= max_in_flight:
                 split0, n0, result = pending.popleft()
                 yield split0, n0, result.get()
@@ -191,23 +214,29 @@ def _encoded_chunks(
 
 
 class ShardWriter:
-    """Buffers one split's tokens and writes full shards of `shard_tokens` (the last one shorter)."""
+    """Buffers one split's tokens and writes full shards of `shard_tokens` (the last one shorter); with
+    `sidecar`, the byte counts of the tokens go to fineweb_val_bytes_NNNNNN.bin beside each shard."""
 
-    def __init__(self, out_dir: Path, split: str, shard_tokens: int):
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int, sidecar: bool = False):
         self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
-        self.buffer = np.empty(shard_tokens, dtype=np.uint16)
+        self.buffer = np.empty((2 if sidecar else 1, shard_tokens), dtype=np.uint16)
         self.fill = 0
         self.docs = 0
         self.tokens = 0
+        self.bytes = 0
         self.shards: list[dict[str, Any]] = []
 
-    def add(self, tokens: np.ndarray, docs: int) -> None:
+    def add(self, tokens: np.ndarray, docs: int, sidecar: np.ndarray | None = None) -> None:
+        if (sidecar is None) != (len(self.buffer) == 1):
+            raise ValueError(f"{self.split} shards: a byte sidecar must come with every chunk or none")
+        rows = np.stack([tokens, sidecar]) if sidecar is not None else tokens[None]
         self.docs += docs
         self.tokens += len(tokens)
+        self.bytes += 0 if sidecar is None else int(sidecar.sum(dtype=np.int64))
         pos = 0
         while pos < len(tokens):
             take = min(self.shard_tokens - self.fill, len(tokens) - pos)
-            self.buffer[self.fill : self.fill + take] = tokens[pos : pos + take]
+            self.buffer[:, self.fill : self.fill + take] = rows[:, pos : pos + take]
             self.fill += take
             pos += take
             if self.fill == self.shard_tokens:
@@ -216,16 +245,25 @@ class ShardWriter:
     def flush(self) -> None:
         if self.fill == 0:
             return
-        path = write_shard(self.out_dir / shard_name(self.split, len(self.shards)), self.buffer[: self.fill])
-        self.shards.append({"name": path.name, "tokens": self.fill, "sha256": file_sha256(path)})
+        index = len(self.shards)
+        path = write_shard(self.out_dir / shard_name(self.split, index), self.buffer[0, : self.fill])
+        info = {"name": path.name, "tokens": self.fill, "sha256": file_sha256(path)}
+        if len(self.buffer) == 2:
+            side = write_shard(self.out_dir / sidecar_name(index), self.buffer[1, : self.fill])
+            info["sidecar"] = {"name": side.name, "sha256": file_sha256(side)}
+        self.shards.append(info)
         self.fill = 0
 
     def summary(self) -> dict[str, Any]:
-        return {"docs": self.docs, "tokens": self.tokens, "shards": self.shards}
+        out = {"docs": self.docs, "tokens": self.tokens, "shards": self.shards}
+        return {**out, "bytes": self.bytes} if len(self.buffer) == 2 else out
 
 
-def training_texts(files: list[Path], val_docs: int, max_docs: int = 0) -> Iterator[str]:
-    """Tokenizer-training text: train documents only (never val), NULs → spaces, stripped, empty skipped."""
+def training_texts(
+    files: list[Path], val_docs: int, max_docs: int = 0, caseops: bool = False
+) -> Iterator[str]:
+    """Tokenizer-training text: train documents only (never val), NULs → spaces, stripped, empty skipped,
+    then CaseOps-transformed when `caseops`."""
     for i, text in enumerate(iter_documents(files)):
         if i < val_docs:
             continue
@@ -233,16 +271,22 @@ def training_texts(files: list[Path], val_docs: int, max_docs: int = 0) -> Itera
             break
         text = text.replace("\x00", " ").strip()
         if text:
-            yield text
+            yield case_transform.encode(text) if caseops else text
 
 
 def train_tokenizer(
-    files: list[Path], vocab_size: int, out_path: Path, val_docs: int, max_docs: int = 0
+    files: list[Path],
+    vocab_size: int,
+    out_path: Path,
+    val_docs: int,
+    max_docs: int = 0,
+    caseops: bool = False,
 ) -> dict[str, Any]:
-    """Train a SentencePiece BPE with the challenge's settings on the train documents; returns the settings."""
+    """Train a SentencePiece BPE with the challenge's settings on the train documents; returns the settings.
+    With `caseops` the text is transformed and the operators are user_defined_symbols (ids 4-7)."""
     import sentencepiece as spm
 
-    texts = training_texts(files, val_docs, max_docs)
+    texts = training_texts(files, val_docs, max_docs, caseops)
     try:
         first = next(texts)
     except StopIteration:
@@ -255,6 +299,8 @@ def train_tokenizer(
         yield from texts
 
     settings = {**TRAINER_SETTINGS, "vocab_size": vocab_size}
+    if caseops:
+        settings["user_defined_symbols"] = ",".join(case_transform.OPERATORS)
     with tempfile.TemporaryDirectory() as tmp:
         prefix = Path(tmp) / "tokenizer"
         spm.SentencePieceTrainer.train(
@@ -283,15 +329,16 @@ def _write_shards(
     chunk_docs: int,
     workers: int,
     progress: bool,
+    caseops: bool = False,
 ) -> None:
     from tqdm import tqdm
 
     with tqdm(unit="doc", unit_scale=True, disable=not progress, file=sys.stderr, desc="tokenize") as bar:
         chunks = _split_chunks(iter_documents(files), val_docs, chunk_docs)
-        for split, ndocs, tokens in _encoded_chunks(chunks, model_path, workers):
+        for split, ndocs, (tokens, sidecar) in _encoded_chunks(chunks, model_path, workers, caseops):
             if split == "train":
                 writers["val"].flush()  # the split switch: val never shares a shard with train
-            writers[split].add(tokens, ndocs)
+            writers[split].add(tokens, ndocs, sidecar)
             bar.update(ndocs)
             bar.set_postfix(tokens=f"{writers['val'].tokens + writers['train'].tokens:,}", refresh=False)
     for writer in writers.values():
@@ -303,9 +350,14 @@ def _write_shards(
         )
 
 
-def _check_vocab(sp, path: Path, vocab_size: int | None) -> None:
+def _check_vocab(sp, path: Path, vocab_size: int | None, caseops: bool = False) -> None:
     from pgolf.data.bytes import TokenizerError
+    from pgolf.data.sidecar import check_caseops_tokenizer, is_caseops_tokenizer
 
+    if caseops:
+        check_caseops_tokenizer(sp, path)
+    elif is_caseops_tokenizer(sp):
+        raise TokenizerError(f"{path}: a CaseOps tokenizer (operators at ids 4-7): pass --caseops")
     pieces = sp.get_piece_size()
     if vocab_size is not None and pieces != vocab_size:
         raise TokenizerError(f"{path}: tokenizer vocab is {pieces} but --vocab-size is {vocab_size}")
@@ -329,6 +381,7 @@ def build_dataset(
     overwrite: bool = False,
     progress: bool = True,
     command: dict[str, Any] | None = None,
+    caseops: bool = False,
 ) -> dict[str, Any]:
     """Tokenize documents into `out_dir` (shards, tokenizer.model, manifest.json); returns the manifest.
 
@@ -349,24 +402,23 @@ def build_dataset(
     model_path = out_dir / "tokenizer.model"
     t0 = time.time()
     if train_vocab:
-        trainer = train_tokenizer(files, train_vocab, model_path, val_docs, tokenizer_train_docs)
+        trainer = train_tokenizer(files, train_vocab, model_path, val_docs, tokenizer_train_docs, caseops)
         source = None
     else:
         trainer, source = None, Path(tokenizer)
-        _check_vocab(
-            load_tokenizer(source), source, vocab_size
-        )  # errors name the user's file, before copying
+        # errors name the user's file, before copying
+        _check_vocab(load_tokenizer(source), source, vocab_size, caseops)
         if source.resolve() != model_path.resolve():
             shutil.copyfile(source, model_path)
     sp = load_tokenizer(model_path)
-    _check_vocab(sp, source or model_path, vocab_size)
+    _check_vocab(sp, source or model_path, vocab_size, caseops)
     tokenizer_seconds = time.time() - t0
 
-    writers = {s: ShardWriter(out_dir, s, shard_tokens) for s in ("val", "train")}
+    writers = {s: ShardWriter(out_dir, s, shard_tokens, caseops and s == "val") for s in ("val", "train")}
     workers = workers if workers > 0 else (os.cpu_count() or 1)
     t1 = time.time()
     try:
-        _write_shards(files, model_path, writers, val_docs, chunk_docs, workers, progress)
+        _write_shards(files, model_path, writers, val_docs, chunk_docs, workers, progress, caseops)
     except BaseException:
         # No half-built dataset: remove the shards of this run (manifest.json is written last).
         for path in out_dir.glob("fineweb_*_*.bin"):
@@ -378,6 +430,7 @@ def build_dataset(
         "format": "pgolf-data/1",
         "bos_id": BOS_ID,
         "append_eos": False,
+        "text_transform": case_transform.TRANSFORM_NAME if caseops else None,
         "command": command,
         "inputs": [{"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files],
         "tokenizer": {

@@ -8,6 +8,11 @@ Per token id three tables are built from the SentencePiece model:
 A scored target y after input token x costs  base_bytes[y] + (has_leading_space[y] and not is_boundary[x]):
 the "▁" space byte is counted once, and never right after BOS. Immune to the bugs of SPEC §9.4: no "+1" in
 base_bytes for ▁-pieces, byte pieces count 1 byte (not 6), unused ids are boundaries, sums are float64.
+
+A CaseOps val stream (SPEC-1855 §1.4) carries its byte counts instead: `ByteTables.sidecar` holds the
+original UTF-8 bytes of every stream position (pgolf.data.sidecar), and a target's bytes are then
+sidecar[position]; callers pass the positions of their targets, and a sidecar without positions is an
+error (so no eval mode can fall back to the tables, which would charge each operator as a piece).
 """
 
 from __future__ import annotations
@@ -52,21 +57,37 @@ class ByteTables:
     base_bytes: torch.Tensor  # int32 [V]
     has_leading_space: torch.Tensor  # bool [V]
     is_boundary: torch.Tensor  # bool [V]
+    sidecar: torch.Tensor | None = None  # int [stream length]: bytes per val-stream position (CaseOps)
 
     def to(self, device: torch.device | str) -> ByteTables:
+        side = None if self.sidecar is None else self.sidecar.to(device)
         return ByteTables(
-            self.base_bytes.to(device), self.has_leading_space.to(device), self.is_boundary.to(device)
+            self.base_bytes.to(device), self.has_leading_space.to(device), self.is_boundary.to(device), side
         )
 
-    def target_bytes(self, prev_ids: torch.Tensor, tgt_ids: torch.Tensor) -> torch.Tensor:
-        """UTF-8 bytes each target stands for, given the token before it (same shapes, int64)."""
+    def narrow(self, start: int, stop: int) -> ByteTables:
+        """The tables for the sub-stream tokens[start:stop] (positions then count from `start`)."""
+        if self.sidecar is None:
+            return self
+        return ByteTables(self.base_bytes, self.has_leading_space, self.is_boundary, self.sidecar[start:stop])
+
+    def target_bytes(
+        self, prev_ids: torch.Tensor, tgt_ids: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """UTF-8 bytes each target stands for (int64, the shape of tgt_ids): from the token before it, or,
+        with a sidecar, sidecar[positions] (`positions` = each target's index in the val stream)."""
+        if self.sidecar is not None:
+            if positions is None:
+                raise ValueError("the val data has a byte sidecar: byte counts need the targets' positions")
+            return self.sidecar[positions.long()].long()
         prev_ids, tgt_ids = prev_ids.long(), tgt_ids.long()
         space = self.has_leading_space[tgt_ids] & ~self.is_boundary[prev_ids]
         return self.base_bytes[tgt_ids].long() + space.long()
 
 
-def build_byte_tables(sp, vocab_size: int) -> ByteTables:
-    """Tables of size max(tokenizer pieces, vocab_size); ids the tokenizer lacks are 0-byte boundaries."""
+def build_byte_tables(sp, vocab_size: int, sidecar: torch.Tensor | None = None) -> ByteTables:
+    """Tables of size max(tokenizer pieces, vocab_size); ids the tokenizer lacks are 0-byte boundaries.
+    `sidecar`: the val stream's bytes per position (load_val_stream), which then replaces the tables."""
     n_sp = sp.get_piece_size()
     size = max(n_sp, vocab_size)
     base = torch.zeros(size, dtype=torch.int32)
@@ -84,7 +105,7 @@ def build_byte_tables(sp, vocab_size: int) -> ByteTables:
             lead[i] = True
             piece = piece[1:]
         base[i] = len(piece.encode("utf-8"))
-    return ByteTables(base, lead, boundary)
+    return ByteTables(base, lead, boundary, sidecar)
 
 
 @dataclass
@@ -113,16 +134,17 @@ class BpbMeter:
         prev_ids: torch.Tensor,
         tgt_ids: torch.Tensor,
         mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> None:
-        """Add scored targets: `nll[i]` is the NLL of `tgt_ids[i]`, whose input token was `prev_ids[i]`."""
+        """Add scored targets: `nll[i]` is the NLL of `tgt_ids[i]`, whose input token was `prev_ids[i]` and
+        whose index in the val stream is `positions[i]` (needed when the tables carry a sidecar)."""
         if not (nll.shape == prev_ids.shape == tgt_ids.shape):
             raise ValueError(
                 f"nll {tuple(nll.shape)}, prev {tuple(prev_ids.shape)}, tgt {tuple(tgt_ids.shape)} differ"
             )
-        tables = (
-            self.tables if self.tables.base_bytes.device == tgt_ids.device else self.tables.to(tgt_ids.device)
-        )
-        nbytes = tables.target_bytes(prev_ids, tgt_ids)
+        if self.tables.base_bytes.device != tgt_ids.device:
+            self.tables = self.tables.to(tgt_ids.device)  # once: a sidecar is the size of the val stream
+        nbytes = self.tables.target_bytes(prev_ids, tgt_ids, positions)
         nll = nll.double()
         if mask is not None:
             mask = mask.bool()

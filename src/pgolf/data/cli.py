@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="tokenize documents into shards",
         description="Tokenize documents (.jsonl/.jsonl.gz with a 'text' field per line; a .txt file is one "
         "document; a folder = its such files, sorted) into fineweb_{val,train}_NNNNNN.bin shards. The first "
-        "--val-docs documents are validation, the rest training; each document is [BOS=1] + ids, no EOS.",
+        "--val-docs documents are validation, the rest training; each document is [BOS=1] + ids, no EOS. "
+        "With --caseops the text is CaseOps-transformed and each val shard gets a byte sidecar.",
     )
     b.add_argument(
         "--docs", nargs="+", required=True, metavar="PATH", help="document files or folders, in order"
@@ -43,6 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=0,
         help="train the tokenizer on the first N train docs (0 = all)",
+    )
+    b.add_argument(
+        "--caseops",
+        action="store_true",
+        help="CaseOps case transform (SPEC-1855 §1): operators reserved at ids 4-7, val byte sidecars",
     )
     b.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -96,6 +102,7 @@ def _build(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
         command={k: v for k, v in vars(args).items() if k != "func"},
+        caseops=args.caseops,
     )
     for split in ("val", "train"):
         info = m["splits"][split]

@@ -27,6 +27,11 @@ def shard_name(split: str, index: int) -> str:
     return f"fineweb_{split}_{index:06d}.bin"
 
 
+def sidecar_name(index: int) -> str:
+    """The byte sidecar of val shard `index` (SPEC-1855 §1.3): same format, one uint16 per token."""
+    return f"fineweb_val_bytes_{index:06d}.bin"
+
+
 def write_shard(path: str | Path, tokens: np.ndarray) -> Path:
     """Write token ids (any integer dtype, all in [0, 65536)) as one shard, atomically."""
     path = Path(path)
@@ -75,11 +80,36 @@ def read_shard(path: str | Path) -> np.ndarray:
 
 
 def list_shards(data_dir: str | Path, split: str) -> list[Path]:
-    """Sorted `fineweb_{split}_*.bin` files of a data folder (error when there are none)."""
+    """Sorted `fineweb_{split}_*.bin` files of a data folder (error when there are none).
+
+    The glob `fineweb_val_*.bin` also matches the byte sidecars `fineweb_val_bytes_*.bin`: those are not
+    token shards and are left out (SPEC-1855 §1.3)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data folder {data_dir} does not exist")
-    files = sorted(data_dir.glob(f"fineweb_{split}_*.bin"))
+    files = sorted(p for p in data_dir.glob(f"fineweb_{split}_*.bin") if "_bytes_" not in p.name)
     if not files:
         raise FileNotFoundError(f"{data_dir}: no fineweb_{split}_*.bin shards found")
     return files
+
+
+def paired_sidecars(shards: list[Path]) -> list[Path] | None:
+    """The byte sidecar of every val shard, or None when the folder has none; a partial set is an error."""
+    if not shards:
+        return None
+    folder = shards[0].parent
+    present = sorted(folder.glob("fineweb_val_bytes_*.bin"))
+    if not present:
+        return None
+    expected = [folder / p.name.replace("fineweb_val_", "fineweb_val_bytes_", 1) for p in shards]
+    missing = [p.name for p in expected if not p.is_file()]
+    if missing:
+        raise ShardError(
+            f"{folder}: val byte sidecar {missing[0]} is missing ({len(missing)} of {len(shards)})"
+        )
+    extra = sorted(set(present) - set(expected))
+    if extra:
+        raise ShardError(
+            f"{extra[0]}: byte sidecar without its val shard {extra[0].name.replace('_bytes', '')}"
+        )
+    return expected

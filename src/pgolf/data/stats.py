@@ -3,7 +3,8 @@
 The scored val bytes are those of the truncated stream of SPEC §1.4 (every target of whole windows of
 `seq_len`), counted with the byte tables of SPEC §1.5 (pgolf.data.bytes), so `val_loss_sum / (ln 2 ·
 val_bytes)` of an eval over that stream is its bpb. `val_bytes_raw` counts every target of the untruncated
-stream: per document, the UTF-8 length of the tokenizer's decoded text.
+stream: per document, the UTF-8 length of the tokenizer's decoded text. A CaseOps folder's val bytes are
+its byte sidecars' (SPEC-1855 §1.4), which are checked against the counts recomputed from the tokens.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pgolf.data.shards import list_shards, read_header, read_shard
-from pgolf.data.val import val_stream_length
+from pgolf.data.shards import ShardError, list_shards, read_header, read_shard
+from pgolf.data.val import read_sidecars, val_stream_length
 
 BOS_ID = 1
 _CHUNK = 1 << 22  # targets per byte-count step: bounds the int64 temporaries
@@ -46,7 +47,10 @@ def data_stats(
     shards += [{"split": "train", "name": p.name, "tokens": read_header(p)} for p in train_files]
     val_raw = sum(s["tokens"] for s in shards if s["split"] == "val")
     stream_len = val_stream_length(val_raw, seq_len)
-    stream = np.concatenate([np.asarray(read_shard(p)) for p in val_files])
+    parts = [np.asarray(read_shard(p)) for p in val_files]
+    stream = np.concatenate(parts)
+    sidecars = read_sidecars(val_files, parts)
+    side = None if sidecars is None else np.concatenate(sidecars).astype(np.int64)
     stats: dict[str, Any] = {
         "dir": str(data_dir),
         "seq_len": seq_len,
@@ -59,6 +63,7 @@ def data_stats(
         "val_shards": len(val_files),
         "val_bytes": None,
         "val_bytes_raw": None,
+        "byte_sidecar": side is not None,
         "tokenizer": None,
         "shards": shards,
     }
@@ -70,8 +75,22 @@ def data_stats(
         top = int(stream.max()) + 1 if len(stream) else 0
         tables = build_byte_tables(sp, max(sp.get_piece_size(), top))
         stats["tokenizer"] = {"path": str(model), "vocab_size": int(sp.get_piece_size())}
-        stats["val_bytes_raw"] = _target_bytes(tables, stream)
-        stats["val_bytes"] = _target_bytes(tables, stream[:stream_len])
+        if side is None:
+            stats["val_bytes_raw"] = _target_bytes(tables, stream)
+            stats["val_bytes"] = _target_bytes(tables, stream[:stream_len])
+        else:
+            from pgolf.data.sidecar import piece_table, token_bytes
+
+            mismatch = np.flatnonzero(token_bytes(stream, piece_table(sp)) != side)
+            if mismatch.size:
+                raise ShardError(
+                    f"{data_dir}: byte sidecar disagrees with the tokens at val position {int(mismatch[0])} "
+                    f"({mismatch.size} positions; sidecar built with another tokenizer?)"
+                )
+    if side is not None:
+        stats["val_bytes_raw"] = int(side[1:].sum())
+        stats["val_bytes"] = int(side[1:stream_len].sum())
+    if stats["val_bytes"] is not None:
         stats["val_tokens_per_byte"] = stats["val_targets"] / max(stats["val_bytes"], 1)
     return stats
 
@@ -94,7 +113,7 @@ def format_stats(stats: dict[str, Any]) -> str:
     if stats["val_bytes"] is not None:
         lines.append(
             f"val bytes    {stats['val_bytes']:,} scored ({stats['val_tokens_per_byte']:.5f} tokens/byte), "
-            f"{stats['val_bytes_raw']:,} untruncated"
+            f"{stats['val_bytes_raw']:,} untruncated" + (" (byte sidecar)" if stats["byte_sidecar"] else "")
         )
     lines.append(f"train        {stats['train_tokens']:,} tokens in {stats['train_shards']} shard(s)")
     lines.append("shards:")

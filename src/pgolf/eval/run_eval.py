@@ -19,7 +19,7 @@ from pgolf.config import RunConfig, load_run_config
 from pgolf.config.overrides import ConfigError, apply_sets
 from pgolf.config.schema import EVAL_MODES
 from pgolf.data.bytes import BpbResult, ByteTables, build_byte_tables, load_tokenizer
-from pgolf.data.val import load_val_tokens
+from pgolf.data.val import load_val_stream
 from pgolf.eval.ngram import NgramTilt, build_tilt
 from pgolf.eval.score import Budget, EvalBudgetExceeded, EvalTrace, eval_nonoverlap, eval_sliding
 from pgolf.eval.ttt import eval_ttt
@@ -36,16 +36,17 @@ def tokenizer_path(cfg: RunConfig) -> Path:
 
 
 def load_eval_data(cfg: RunConfig) -> tuple[torch.Tensor, ByteTables]:
-    """The val stream (data.dir, eval.seq_len, data.max_val_tokens) and the byte tables of its tokenizer."""
+    """The val stream (data.dir, eval.seq_len, data.max_val_tokens) and the byte tables of its tokenizer
+    (carrying the stream's byte sidecar when the data has one: CaseOps)."""
     if not cfg.data.dir:
         raise ConfigError("data.dir is empty: set it to the folder holding fineweb_val_*.bin")
-    tokens = load_val_tokens(cfg.data.dir, cfg.eval.seq_len, cfg.data.max_val_tokens)
+    tokens, sidecar = load_val_stream(cfg.data.dir, cfg.eval.seq_len, cfg.data.max_val_tokens)
     if int(tokens.max()) >= cfg.model.vocab_size:
         raise ValueError(
             f"{cfg.data.dir}: val token id {int(tokens.max())} >= model.vocab_size={cfg.model.vocab_size}"
         )
     sp = load_tokenizer(tokenizer_path(cfg), cfg.model.vocab_size)
-    return tokens, build_byte_tables(sp, cfg.model.vocab_size)
+    return tokens, build_byte_tables(sp, cfg.model.vocab_size, sidecar)
 
 
 def load_prequant_model(run_dir: Path, cfg: RunConfig, device: torch.device) -> torch.nn.Module:

@@ -201,11 +201,11 @@ class Scorer:
         if need_logits:
             nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
         sel_nll, sel_x, sel_y, sel_pos = nll[mask], x[mask], y[mask], pos[mask]
-        self.meter.update(sel_nll, sel_x, sel_y)
+        self.meter.update(sel_nll, sel_x, sel_y, positions=sel_pos)
         final = sel_nll
         if self.nll_transform is not None:
             final = self.nll_transform(sel_nll, logits[mask], sel_y, sel_pos)
-            self.tilt_meter.update(final, sel_x, sel_y)
+            self.tilt_meter.update(final, sel_x, sel_y, positions=sel_pos)
         if self.trace is not None:
             self.trace.on_score(sel_pos, final)
             for b, t, p in probes:

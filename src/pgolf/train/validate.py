@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from pgolf.config.schema import RunConfig
 from pgolf.data.bytes import BpbMeter, ByteTables, build_byte_tables, load_tokenizer
-from pgolf.data.val import load_val_tokens
+from pgolf.data.val import load_val_stream
 from pgolf.runtime import DistInfo, all_reduce_, autocast
 
 
@@ -37,7 +37,8 @@ class Validator:
         lo, hi = num_seqs * dist.rank // dist.world_size, num_seqs * (dist.rank + 1) // dist.world_size
         self.tokens = tokens[lo * seq_len : hi * seq_len + 1]
         self.seq_len, self.num_seqs = seq_len, hi - lo
-        self.tables, self.batch_seqs, self.dist = tables, max(1, batch_seqs), dist
+        self.tables = None if tables is None else tables.narrow(lo * seq_len, hi * seq_len + 1)
+        self.batch_seqs, self.dist = max(1, batch_seqs), dist
         self.autocast_mode = autocast_mode
 
     @torch.no_grad()
@@ -56,7 +57,8 @@ class Validator:
             with autocast(device, self.autocast_mode):
                 nll = model.per_token_nll(x, y)
             if meter is not None:
-                meter.update(nll.reshape(-1), x.reshape(-1), y.reshape(-1))
+                positions = torch.arange(start * L + 1, (start + n) * L + 1, device=device)
+                meter.update(nll.reshape(-1), x.reshape(-1), y.reshape(-1), positions=positions)
             else:
                 sums[0] += nll.double().sum()
                 sums[1] += nll.numel()
@@ -72,13 +74,13 @@ def build_validator(cfg: RunConfig, dist: DistInfo, batch_seqs: int) -> tuple[Va
     """The training-time validator and a one-line note (why it is missing, or what it scores)."""
     caps = [n for n in (cfg.train.val_max_tokens, cfg.data.max_val_tokens) if n > 0]
     try:
-        tokens = load_val_tokens(cfg.data.dir, cfg.data.train_seq_len, min(caps) if caps else 0)
+        tokens, sidecar = load_val_stream(cfg.data.dir, cfg.data.train_seq_len, min(caps) if caps else 0)
     except FileNotFoundError as err:
         return None, f"validation skipped: {err}"
     tables = None
     tok = tokenizer_path(cfg)
     if tok.is_file():
-        tables = build_byte_tables(load_tokenizer(tok, cfg.model.vocab_size), cfg.model.vocab_size)
+        tables = build_byte_tables(load_tokenizer(tok, cfg.model.vocab_size), cfg.model.vocab_size, sidecar)
     validator = Validator(tokens, cfg.data.train_seq_len, tables, batch_seqs, dist, cfg.train.autocast)
     note = f"val_tokens:{tokens.numel() - 1}" + (
         "" if tables is not None else f" val_bpb:na (no tokenizer at {tok})"
