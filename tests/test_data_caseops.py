@@ -4,6 +4,7 @@ fixed sample of train), its inverse's errors, and the byte sidecar against the r
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -84,8 +85,9 @@ def test_every_val_and_sampled_train_document_round_trips(test_data_dir: Path) -
     sample = random.Random(0).sample(train, 1000)
     for i, text in enumerate(val + sample):
         assert decode(encode(text)) == text, f"document {i}"
-    cased = sum(encode(t) != t for t in val)
-    assert cased == len(val) - sum(t == t.lower() for t in val)  # every doc with capitals changes
+    changed = [encode(t) != t for t in val]
+    assert changed == [re.search("[A-Z\ue001-\ue004]", t) is not None for t in val]  # only ASCII capitals
+    assert sum(changed) > 2000  # and operators change a document
 
 
 @pytest.fixture(scope="module")
