@@ -60,6 +60,16 @@ def test_bundle_record_folder_and_cap_refusal(smoke_run: Path, tmp_path: Path, c
     assert sub["bytes_code"] == code and sub["bytes_total"] == code + sub["bytes_model"]
     assert {"README.md", "requirements.txt", "train.log", "eval.json"} <= {p.name for p in out.iterdir()}
     check_py310(unpack((out / "train_gpt.py").read_text()), "payload")
+    # the code bytes every file states are the shipped file's size; an unpacked bundle is a different file
+    for packed, folder in ((True, out), (False, tmp_path / "plain")):
+        if not packed:
+            assert main(["bundle", str(smoke_run), "--out", str(folder), "--no-packed"]) == 0
+        size = os.path.getsize(folder / "train_gpt.py")
+        for name in ("quant.json", "summary.json"):
+            counted = json.loads((folder / name).read_text())
+            assert counted["code_bytes"] == size and counted["total_bytes"] == size + counted["artifact_bytes"]
+        assert json.loads((folder / "submission.json").read_text())["bytes_code"] == size
+    assert os.path.getsize(tmp_path / "plain" / "train_gpt.py") > 2 * code
     tight = smoke_run.parent / "tight"
     tight.mkdir()
     for f in smoke_run.iterdir():

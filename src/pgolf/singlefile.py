@@ -1,14 +1,16 @@
-"""Single-file source bundles: one self-contained `train_gpt.py` carrying exactly the pgolf modules a record
-needs. `pgolf bundle` writes it; the quantizer counts its exact size as the code bytes of a submission.
+"""Single-file source bundles: one self-contained `train_gpt.py` carrying exactly the pgolf code a record
+runs. `pgolf bundle` writes it; its exact size on disk is the code bytes of the submission (SPEC §4.7).
 
 Why an embedded-module importer rather than concatenating sources: concatenation breaks on name clashes
 between modules and on `from pgolf.x import y` lines; embedding each module's source and serving it through a
 `sys.meta_path` finder keeps every module's namespace intact, so the bundled file runs the very code the tests
-ran. The module set is the closure of static imports (AST, function-level imports included) from the record
-entry point, so CLI, bundler, report and data-building code stay out.
-`--packed` minifies (AST round trip without docstrings), LZMA2-compresses and base85-encodes the file into a
-two-line self-extracting shim, as the record scripts ship (SPEC §4.7). Every source, the payload included,
-must parse under the Python 3.10 grammar (SPEC §9.1).
+ran. The module set starts as the closure of static imports (AST, function-level imports included) from the
+record entry point; the modules of eval modes the config's plan does not run (record.FEATURE_MODULES) are
+left out, and `pgolf.minify.shake` keeps only the definitions the entry point reaches, so CLI, bundler,
+report, data building and test oracles stay out. `packed` also strips docstrings and annotations, compacts
+the source and compresses it (LZMA or brotli, whichever is smaller) into a two-line self-extracting shim,
+as the record scripts ship. Every source, the payload included, must parse under the Python 3.10 grammar
+(SPEC §9.1).
 """
 
 from __future__ import annotations
@@ -19,11 +21,24 @@ import importlib.util
 import lzma
 from pathlib import Path
 
+import brotli
+
+from pgolf.config import RunConfig, to_toml
+from pgolf.config.overrides import from_dict, tomllib
+from pgolf.minify import compact, from_module, imported_modules, shake, strip_tree
+from pgolf.submit.record import FEATURE_MODULES
+
 ENTRY_MODULE = "pgolf.submit.record"
+ENTRY_ROOTS = frozenset({"main"})
 PACKAGE = "pgolf"
 # Reached only through lazy imports a bundled run never executes (a bundle knows its own size).
-NOT_BUNDLED = frozenset({"pgolf.singlefile"})
-_LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+NOT_BUNDLED = frozenset({"pgolf.singlefile", "pgolf.minify"})
+# LZMA1 in the .lzma container: a 13-byte header that lzma.decompress recognises with no arguments.
+_LZMA_FILTERS = [{"id": lzma.FILTER_LZMA1, "preset": 9 | lzma.PRESET_EXTREME, "lc": 4, "lp": 0, "pb": 0}]
+_SHIMS = {
+    "lzma": ("import lzma as L,base64 as B\nexec(L.decompress(B.b85decode(", ")))\n"),
+    "brotli": ("import brotli as L,base64 as B\nexec(L.decompress(B.b85decode(", ")))\n"),
+}
 
 
 class BundleError(ValueError):
@@ -37,27 +52,8 @@ def _module_file(name: str) -> tuple[Path, bool]:
     return Path(spec.origin), spec.submodule_search_locations is not None
 
 
-def _imported_modules(name: str, tree: ast.AST, is_package: bool) -> set[str]:
-    """pgolf modules a module imports anywhere in its body (absolute or relative)."""
-    found: set[str] = set()
-    base = name if is_package else name.rpartition(".")[0]
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            mod = node.module or ""
-            if node.level:
-                parts = base.split(".")
-                anchor = ".".join(parts[: len(parts) - node.level + 1])
-                mod = f"{anchor}.{mod}" if mod else anchor
-            found.add(mod)
-            # `from pgolf.data import bytes` imports a submodule, not an attribute
-            found.update(f"{mod}.{a.name}" for a in node.names)
-    return {m for m in found if m == PACKAGE or m.startswith(PACKAGE + ".")}
-
-
 def collect_modules(entry: str = ENTRY_MODULE) -> dict[str, tuple[bool, str]]:
-    """{module name: (is_package, source)} for the import closure of `entry`, parents included."""
+    """{module name: (is_package, source)} for the static import closure of `entry`, parents included."""
     out: dict[str, tuple[bool, str]] = {}
     todo = [entry]
     while todo:
@@ -75,7 +71,7 @@ def collect_modules(entry: str = ENTRY_MODULE) -> dict[str, tuple[bool, str]]:
         out[name] = (is_package, source)
         parts = name.split(".")
         todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))
-        todo.extend(_imported_modules(name, ast.parse(source), is_package))
+        todo.extend(imported_modules(name, ast.parse(source), is_package))
     return dict(sorted(out.items()))
 
 
@@ -87,73 +83,104 @@ def check_py310(source: str, name: str) -> None:
         raise BundleError(f"{name}:{err.lineno}: not valid Python 3.10 syntax ({err.msg})") from None
 
 
-def _strip_docstrings(source: str) -> str:
-    tree = ast.parse(source)
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-                if isinstance(body[0].value.value, str):
-                    node.body = body[1:] or [ast.Pass()]
-    return ast.unparse(tree)
+def unused_feature_modules(cfg: RunConfig) -> set[str]:
+    """Modules of eval modes `cfg.eval.plan` does not run: the bundle leaves them out."""
+    return {module for module, mode in FEATURE_MODULES.items() if mode not in cfg.eval.plan}
 
 
-_LOADER = '''import importlib.abc
-import importlib.util
-import sys
+class _UnbindImports(ast.NodeTransformer):
+    """`from <left-out module> import a, b` becomes `a = b = None`: the names stay defined for code on the
+    branches of the left-out modes, which record.main refuses to reach (check_plan_is_bundled)."""
+
+    def __init__(self, name: str, is_package: bool, left_out: set[str]) -> None:
+        self.base = name if is_package else name.rpartition(".")[0]
+        self.left_out = left_out
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> ast.AST:
+        if from_module(node, self.base) not in self.left_out:
+            return node
+        targets = [ast.Name(id=a.asname or a.name, ctx=ast.Store()) for a in node.names]
+        return ast.copy_location(ast.Assign(targets=targets, value=ast.Constant(None)), node)
 
 
-class _PgolfBundle(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Serves the embedded pgolf modules; nothing is written to disk."""
+def bundle_modules(cfg: RunConfig, packed: bool, entry: str = ENTRY_MODULE) -> dict[str, tuple[bool, str]]:
+    """{module: (is_package, source)} of what a bundle for `cfg` carries: the entry point's reachable code
+    (minify.shake) without the modules of modes the plan does not run; `packed` strips and compacts it."""
+    left_out = unused_feature_modules(cfg)
+    trees = {}
+    for name, (is_package, source) in collect_modules(entry).items():
+        if any(name == m or name.startswith(m + ".") for m in left_out):
+            continue
+        tree = _UnbindImports(name, is_package, left_out).visit(ast.parse(source))
+        trees[name] = (is_package, strip_tree(tree) if packed else ast.fix_missing_locations(tree))
+    out = {}
+    for name, (is_package, tree) in shake(trees, entry, set(ENTRY_ROOTS)).items():
+        text = ast.unparse(tree)
+        out[name] = (is_package, compact(text) if packed and text else text)
+    return out
 
-    def find_spec(self, name, path=None, target=None):
-        if name in _MODULES:
-            return importlib.util.spec_from_loader(name, self, is_package=_MODULES[name][0])
-        return None
 
-    def create_module(self, spec):
-        return None
+def config_delta_toml(cfg: RunConfig) -> str:
+    """The TOML of `cfg` with only the fields that differ from RunConfig's defaults (from_dict fills the
+    rest back in): what the bundle embeds."""
+    default = to_toml(RunConfig(preset=cfg.preset)).splitlines()
+    lines, section = [], None
+    for line, base in zip(to_toml(cfg).splitlines(), default):
+        if line.startswith("preset ="):
+            lines.append(line)
+        elif line.startswith("["):
+            section = line
+        elif line != base:
+            if section is not None:
+                lines.append(section)
+                section = None
+            lines.append(line)
+    return "\n".join(lines) + "\n"
 
-    def exec_module(self, module):
-        code = compile(_MODULES[module.__name__][1], "<bundle>/" + module.__name__, "exec")
-        exec(code, module.__dict__)
 
-
-sys.meta_path.insert(0, _PgolfBundle())
-'''
+_LOADER = """import importlib.abc,importlib.util,sys
+class _B(importlib.abc.MetaPathFinder,importlib.abc.Loader):
+ def find_spec(self,name,path=None,target=None):
+  if name in _MODULES:return importlib.util.spec_from_loader(name,self,is_package=_MODULES[name][0])
+  if name.startswith('pgolf.'):raise ModuleNotFoundError(name+' is not in this train_gpt.py')
+ def create_module(self,spec):return None
+ def exec_module(self,module):exec(compile(_MODULES[module.__name__][1],'<bundle>/'+module.__name__,'exec'),module.__dict__)
+sys.meta_path.insert(0,_B())
+"""
 
 
 def render_bundle(config_toml: str, title: str, minify: bool = False, entry: str = ENTRY_MODULE) -> str:
     """The text of a self-contained train_gpt.py running `entry.main(CONFIG_TOML)`."""
-    modules = collect_modules(entry)
-    lines = [f'"""{title} (generated by pgolf bundle; run with torchrun --standalone --nproc_per_node=8)."""']
-    lines.append("_MODULES = {")
+    cfg = from_dict(tomllib.loads(config_toml), "bundle config")
+    modules = bundle_modules(cfg, packed=minify, entry=entry)
+    lines = [] if minify else [f'"""{title} (generated by pgolf bundle; run with torchrun --standalone --nproc_per_node=8)."""']
+    lines.append("_MODULES={")
     for name, (is_package, source) in modules.items():
-        text = _strip_docstrings(source) if minify else source
-        lines.append(f"    {name!r}: ({is_package!r}, {text!r}),")
+        lines.append(f"{name!r}:({is_package!r},{source!r}),")
     lines.append("}")
     lines.append(_LOADER)
-    lines.append(f"CONFIG_TOML = {config_toml!r}")
-    lines.append("")
-    lines.append('if __name__ == "__main__":')
-    lines.append(f"    from {entry} import main")
-    lines.append("")
-    lines.append("    sys.exit(main(CONFIG_TOML))")
+    lines.append(f"CONFIG_TOML={config_delta_toml(cfg)!r}")
+    lines.append(f"if __name__=='__main__':from {entry} import main;sys.exit(main(CONFIG_TOML))")
     text = "\n".join(lines) + "\n"
     check_py310(text, "train_gpt.py")
     return text
 
 
-def pack(source: str) -> str:
-    """Two-line self-extracting shim: exec of the LZMA2 (raw) + base85 payload (SPEC §4.7)."""
-    payload = base64.b85encode(
-        lzma.compress(source.encode("utf-8"), format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
-    )
-    shim = (
-        "import lzma as L,base64 as B\n"
-        "exec(L.decompress(B.b85decode(" + repr(payload.decode("ascii")) + "),format=L.FORMAT_RAW,"
-        "filters=[{'id':L.FILTER_LZMA2}]))\n"
-    )
+def _payload(source: bytes, codec: str) -> bytes:
+    if codec == "brotli":
+        return brotli.compress(source, quality=11, lgwin=24)
+    return lzma.compress(source, format=lzma.FORMAT_ALONE, filters=_LZMA_FILTERS)
+
+
+def pack(source: str, codec: str | None = None) -> str:
+    """Two-line self-extracting shim: exec of the compressed, base85-encoded source (SPEC §4.7), compressed
+    with `codec` (lzma | brotli), or with whichever gives the smaller file when None."""
+    shims = []
+    for name in [codec] if codec else list(_SHIMS):
+        head, tail = _SHIMS[name]
+        payload = base64.b85encode(_payload(source.encode("utf-8"), name)).decode("ascii")
+        shims.append(head + repr(payload) + tail)
+    shim = min(shims, key=len)
     check_py310(shim, "train_gpt.py (shim)")
     check_py310(unpack(shim), "train_gpt.py (packed payload)")
     return shim
@@ -162,13 +189,12 @@ def pack(source: str) -> str:
 def unpack(shim: str) -> str:
     """The payload of a packed shim, decoded without executing it."""
     tree = ast.parse(shim)
+    codec = "brotli" if "brotli" in shim.partition("\n")[0] else "lzma"
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "b85decode":
-            payload = node.args[0].value  # type: ignore[attr-defined]
-            raw = base64.b85decode(payload)
-            return lzma.decompress(raw, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}]).decode(
-                "utf-8"
-            )
+            raw = base64.b85decode(node.args[0].value)  # type: ignore[attr-defined]
+            data = brotli.decompress(raw) if codec == "brotli" else lzma.decompress(raw)
+            return data.decode("utf-8")
     raise BundleError("not a packed pgolf bundle (no base85 payload found)")
 
 

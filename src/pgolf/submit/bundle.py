@@ -1,7 +1,9 @@
 """`pgolf bundle RUN_DIR --out RECORD_DIR`: the challenge's record folder for a finished run.
 
 RECORD_DIR/
-  train_gpt.py       one self-contained file: trains, quantizes and evaluates this preset (pgolf.singlefile)
+  train_gpt.py       one self-contained file: trains, quantizes and evaluates this preset (pgolf.singlefile);
+                     its size on disk is the code_bytes of submission.json and of the copied quant.json and
+                     summary.json (rewritten there when the run counted a different file)
   README.md          results, config, how to reproduce
   submission.json    the numbers the leaderboard reads
   requirements.txt   third-party packages the file imports
@@ -12,6 +14,7 @@ The total (code + artifact) is checked against the cap before anything is writte
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,10 @@ from pgolf.fileio import atomic_write_json, atomic_write_text
 from pgolf.singlefile import BundleError, build_bundle_source, bundle_title
 from pgolf.submit.summary import format_summary, write_summary
 
-REQUIREMENTS = ["torch>=2.4", "numpy", "sentencepiece", "brotli", "zstandard", "numba"]
+# tomli: the config parser on Python 3.10 (tomllib is 3.11+), the challenge's eval image (SPEC §9.1)
+REQUIREMENTS = ["torch>=2.4", "numpy", "sentencepiece", "brotli", "zstandard", "numba", 'tomli; python_version < "3.11"']
+# Record-folder copies of run files that state the code bytes: they must state the shipped file's.
+COUNTED_FILES = ("quant.json", "summary.json")
 LOG_FILES = ("train.log", "train.json", "quant.json", "eval.json", "summary.json")
 
 
@@ -74,6 +80,8 @@ def bundle_run(run_dir: str | Path, out_dir: str | Path, packed: bool | None = N
     summary = dict(summary, code_bytes=code, total_bytes=total)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "train_gpt.py", source)
+    if os.path.getsize(out_dir / "train_gpt.py") != code:  # pragma: no cover - atomic_write_text writes UTF-8
+        raise BundleError(f"{out_dir / 'train_gpt.py'}: size on disk differs from the {code:,} bytes counted")
     atomic_write_text(out_dir / "requirements.txt", "\n".join(REQUIREMENTS) + "\n")
     atomic_write_text(out_dir / "README.md", _readme(summary, config_toml, packed))
     submission = {
@@ -90,6 +98,11 @@ def bundle_run(run_dir: str | Path, out_dir: str | Path, packed: bool | None = N
     for name in LOG_FILES:
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, out_dir / name)
+    for name in COUNTED_FILES:
+        if (out_dir / name).is_file():
+            counted = json.loads((out_dir / name).read_text())
+            counted.update(code_bytes=code, total_bytes=counted["artifact_bytes"] + code)
+            atomic_write_json(out_dir / name, counted)
     print(format_summary(summary))
     print(
         f"record folder {out_dir}: train_gpt.py {code:,} bytes{' (packed)' if packed else ''}, total {total:,}"

@@ -7,16 +7,33 @@ executed file itself (SPEC §4.7), so the printed total is exactly what the subm
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import uuid
 from pathlib import Path
 
-from pgolf.config import from_dict, validate
+from pgolf.config import ConfigError, from_dict, validate
 from pgolf.config.env import apply_env
 from pgolf.config.overrides import tomllib
 from pgolf.runtime import keep_freed_memory, shutdown_distributed
 from pgolf.submit.pipeline import run_pipeline
+
+# Modules only one eval mode runs: a bundle leaves them out when its config's plan does not name the mode.
+FEATURE_MODULES = {"pgolf.eval.ttt": "ttt", "pgolf.eval.ngram": "ngram"}
+
+
+def check_plan_is_bundled(cfg_plan: list[str]) -> None:
+    """Refuse a plan (after the env vars) that needs a mode this train_gpt.py was bundled without."""
+    for module, mode in FEATURE_MODULES.items():
+        if mode in cfg_plan:
+            try:
+                importlib.util.find_spec(module)
+            except ModuleNotFoundError:
+                raise ConfigError(
+                    f"eval.plan runs '{mode}' but this train_gpt.py was bundled without it; bundle a config "
+                    f"whose eval.plan has '{mode}'"
+                ) from None
 
 
 def _script_bytes() -> int:
@@ -30,6 +47,7 @@ def main(config_toml: str) -> int:
     cfg = from_dict(tomllib.loads(config_toml), "embedded config")
     apply_env(cfg, os.environ)
     validate(cfg)
+    check_plan_is_bundled(cfg.eval.plan)
     run_id = os.environ.get("RUN_ID") or uuid.uuid4().hex[:8]
     run_dir = Path(os.environ.get("RUN_DIR") or Path("runs") / run_id)
     summary = run_pipeline(cfg, run_dir, code_bytes=_script_bytes())
