@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_submit_pipeline import HIDE_PGOLF
 
 from pgolf.config import PRESETS, preset, to_toml
 from pgolf.config.overrides import from_dict, tomllib
@@ -175,10 +176,7 @@ def test_bundle_refuses_a_plan_it_left_out(tmp_path: Path):
     script.write_text(build_bundle_source(to_toml(preset("pr1394")), bundle_title("pr1394"), packed=True))
     hide = tmp_path / "hide"
     hide.mkdir()
-    (hide / "sitecustomize.py").write_text(
-        "import sys\nsys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__]\n"
-        "sys.path[:] = [p for p in sys.path if not p.rstrip('/').endswith('/src')]\n"
-    )
+    (hide / "sitecustomize.py").write_text(HIDE_PGOLF)
     env = dict(os.environ, PYTHONPATH=str(hide), TTT_ENABLED="1", RUN_DIR=str(tmp_path / "run"))
     proc = subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0

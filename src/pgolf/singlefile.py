@@ -116,7 +116,9 @@ def bundle_modules(cfg: RunConfig, packed: bool, entry: str = ENTRY_MODULE) -> d
     out = {}
     for name, (is_package, tree) in shake(trees, entry, set(ENTRY_ROOTS)).items():
         text = ast.unparse(tree)
-        out[name] = (is_package, compact(text) if packed and text else text)
+        text = compact(text) if packed and text else text
+        check_py310(text, f"{name} (as bundled)")
+        out[name] = (is_package, text)
     return out
 
 
