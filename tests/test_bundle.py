@@ -179,6 +179,22 @@ def test_bundle_refuses_a_plan_it_left_out(tmp_path: Path):
     (hide / "sitecustomize.py").write_text(HIDE_PGOLF)
     env = dict(os.environ, PYTHONPATH=str(hide), TTT_ENABLED="1", RUN_DIR=str(tmp_path / "run"))
     proc = subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "eval.plan runs 'ttt' but this train_gpt.py was bundled without it" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("train_gpt.py: eval.plan runs 'ttt' but this train_gpt.py was bundled without it")
     assert not (tmp_path / "run").exists()
+
+
+def test_bundle_bytes_do_not_depend_on_the_hash_seed():
+    """quantize counts the bundle in one process, `pgolf bundle` writes it in another: same bytes."""
+    code = (
+        "import hashlib\nfrom pgolf.config import preset, to_toml\n"
+        "from pgolf.singlefile import build_bundle_source, bundle_title\n"
+        "print(hashlib.sha256(build_bundle_source(to_toml(preset('pr1557')), bundle_title('x'), True).encode()).hexdigest())"
+    )
+    digests = set()
+    for seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        digests.add(proc.stdout.strip())
+    assert len(digests) == 1

@@ -23,10 +23,10 @@ from pgolf.submit.pipeline import run_pipeline
 FEATURE_MODULES = {"pgolf.eval.ttt": "ttt", "pgolf.eval.ngram": "ngram"}
 
 
-def check_plan_is_bundled(cfg_plan: list[str]) -> None:
+def check_plan_is_bundled(plan: list[str]) -> None:
     """Refuse a plan (after the env vars) that needs a mode this train_gpt.py was bundled without."""
     for module, mode in FEATURE_MODULES.items():
-        if mode in cfg_plan:
+        if mode in plan:
             try:
                 importlib.util.find_spec(module)
             except ModuleNotFoundError:
@@ -44,10 +44,14 @@ def _script_bytes() -> int:
 
 def main(config_toml: str) -> int:
     keep_freed_memory()
-    cfg = from_dict(tomllib.loads(config_toml), "embedded config")
-    apply_env(cfg, os.environ)
-    validate(cfg)
-    check_plan_is_bundled(cfg.eval.plan)
+    try:
+        cfg = from_dict(tomllib.loads(config_toml), "embedded config")
+        apply_env(cfg, os.environ)
+        validate(cfg)
+        check_plan_is_bundled(cfg.eval.plan)
+    except ConfigError as err:  # a bad env var: one line, before any work
+        print(f"train_gpt.py: {err}", file=sys.stderr)
+        return 2
     run_id = os.environ.get("RUN_ID") or uuid.uuid4().hex[:8]
     run_dir = Path(os.environ.get("RUN_DIR") or Path("runs") / run_id)
     summary = run_pipeline(cfg, run_dir, code_bytes=_script_bytes())
