@@ -1,12 +1,12 @@
 """Bundle size: the packed `train_gpt.py` pgolf ships per preset, next to the record scripts' packed files.
 
-    python benchmarks/bundle_size.py                  # pr1394 pr1541 pr1557 cpu-golf
+    python benchmarks/bundle_size.py                  # pr1394 pr1541 pr1557 pr1855 cpu-golf
     python benchmarks/bundle_size.py pr1394 --modules # and where the bytes go, module by module
 
 Columns: `closure` packs every module of the entry point's static import closure (docstrings and comments
 stripped, nothing shaken: what bundles shipped before they were cut to the recipe); `lzma` and `brotli`
 pack the shipped source with each codec, `shipped` is the smaller (what `pgolf bundle` writes). Record
-sizes are the counted code bytes of the record logs (SPEC §6.1, §9.5; #1557 counted its unpacked
+sizes are the counted code bytes of the record logs (SPEC §6.1, §9.5, SPEC-1855 §5; #1557 counted its unpacked
 122,618-byte script); the goal is at most 1.25x the record's size for the same recipe.
 """
 
@@ -56,7 +56,7 @@ def module_table(name: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("presets", nargs="*", default=["pr1394", "pr1541", "pr1557", "cpu-golf"])
+    parser.add_argument("presets", nargs="*", default=["pr1394", "pr1541", "pr1557", "pr1855", "cpu-golf"])
     parser.add_argument("--modules", action="store_true", help="per-module bytes of each preset's bundle")
     args = parser.parse_args()
     closure = closure_bytes()

@@ -260,9 +260,6 @@ class _Unit:
     imports: set[str] = field(default_factory=set)
 
 
-_DEFINITIONS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Pass)
-
-
 def _definition_names(stmt: ast.stmt) -> set[str] | None:
     """Names a side-effect-free top-level statement binds; None when running it may do more than bind."""
     if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
