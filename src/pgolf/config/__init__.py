@@ -31,6 +31,7 @@ from pgolf.config.schema import (
     RunConfig,
     TrainConfig,
 )
+from pgolf.rundir import CONFIG
 
 __all__ = [
     "ConfigError",
@@ -108,5 +109,5 @@ def resolve(
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
     """The resolved config a run directory was produced with (RUN_DIR/config.toml)."""
-    path = Path(run_dir) / "config.toml"
+    path = Path(run_dir) / CONFIG
     return validate(from_dict(load_toml(path), str(path)))

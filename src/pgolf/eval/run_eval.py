@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from pgolf import rundir
 from pgolf.config import RunConfig, load_run_config
 from pgolf.config.overrides import ConfigError, apply_sets
 from pgolf.config.schema import EVAL_MODES
@@ -23,11 +24,10 @@ from pgolf.data.val import load_val_stream
 from pgolf.eval.ngram import NgramTilt, build_tilt
 from pgolf.eval.score import Budget, EvalBudgetExceeded, EvalTrace, eval_nonoverlap, eval_sliding
 from pgolf.eval.ttt import eval_ttt
-from pgolf.fileio import atomic_write_json
+from pgolf.rundir import looping_after_training
 from pgolf.runtime import DistInfo, init_distributed, use_compile
-from pgolf.train.loop import looping_after_training
 
-EVAL_FILE = "eval.json"
+EVAL_FILE = rundir.EVAL_JSON
 
 
 def tokenizer_path(cfg: RunConfig) -> Path:
@@ -53,11 +53,11 @@ def load_prequant_model(run_dir: Path, cfg: RunConfig, device: torch.device) -> 
     """GPT(cfg.model) with RUN_DIR/model.pt (a plain state_dict)."""
     from pgolf.model import GPT
 
-    path = run_dir / "model.pt"
+    path = rundir.path(run_dir, rundir.MODEL)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (the 'prequant' mode needs the trained weights)")
     model = GPT(cfg.model)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.load_state_dict(rundir.load_weights(path))
     model.set_looping(looping_after_training(run_dir, cfg))
     return model.to(device).eval()
 
@@ -66,7 +66,7 @@ def load_quant_model(run_dir: Path, cfg: RunConfig, device: torch.device) -> tor
     """The dequantized artifact RUN_DIR/model.ptz."""
     from pgolf.quant.pipeline import load_artifact_model
 
-    path = run_dir / "model.ptz"
+    path = rundir.path(run_dir, rundir.ARTIFACT)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (the quant/sliding/ttt modes need the artifact)")
     model = load_artifact_model(path, cfg)
@@ -173,7 +173,7 @@ def evaluate_run(
 
     The budget (budget_seconds, default cfg.eval.time_budget_seconds; <= 0 = none) covers every mode
     together: a warning at 90%, a clean stop at 100% keeping the modes already measured (stopped_early).
-    eval.json holds this invocation's results only.
+    eval.json accumulates: results of modes not rerun are kept while they scored the same model files.
     """
     start = time.monotonic()
     run_dir = Path(run_dir)
@@ -218,6 +218,6 @@ def evaluate_run(
         "stopped_early": stopped_early,
     }
     if info.is_main:
-        atomic_write_json(run_dir / EVAL_FILE, out)
+        out = rundir.write_eval_results(run_dir, out)  # keeps earlier modes measured on the same files
         print(f"eval done in {out['eval_seconds']:.1f} s -> {run_dir / EVAL_FILE}")
     return out

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from pgolf.config import RunConfig, load_run_config, validate
+from pgolf import rundir
+from pgolf.config import RunConfig, load_run_config, to_toml, validate
 from pgolf.config.overrides import apply_sets
 from pgolf.fileio import atomic_write_bytes, atomic_write_json
 from pgolf.quant.artifact import ArtifactError, encode_artifact, read_artifact
@@ -23,8 +24,8 @@ from pgolf.quant.budget import code_bytes as bundle_code_bytes
 from pgolf.quant.hessian import collect_run_hessians
 from pgolf.quant.scheme import QuantizedTensor, dequantize_state_dict, quantize_state_dict
 
-ARTIFACT_NAME = "model.ptz"
-OVER_CAP_NAME = "model.over_cap.ptz"
+ARTIFACT_NAME = rundir.ARTIFACT
+OVER_CAP_NAME = rundir.OVER_CAP_ARTIFACT
 
 
 class OverCapError(ValueError):
@@ -41,10 +42,8 @@ def load_trained_model(
     """GPT with RUN_DIR/model.pt loaded (a plain state_dict; read with weights_only, never unpickling code)."""
     from pgolf.model import GPT
 
-    path = Path(run_dir) / "model.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no trained weights (run `pgolf train` first)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    path = rundir.path(run_dir, rundir.MODEL)
+    state = rundir.load_weights(path)
     model = GPT(cfg.model)
     try:
         model.load_state_dict(state, strict=True)
@@ -93,9 +92,8 @@ def quantize_run(
     dist = init_distributed(cfg.train.device)
     model = load_trained_model(run_dir, cfg, dist.device)
 
-    from pgolf.train.loop import looping_after_training  # the looping state eval will use too
-
-    hessians, hessian_seconds = collect_run_hessians(model, cfg, dist, looping_after_training(run_dir, cfg))
+    looping = rundir.looping_after_training(run_dir, cfg)  # the looping state eval will use too
+    hessians, hessian_seconds = collect_run_hessians(model, cfg, dist, looping)
     t0 = time.perf_counter()
     qtensors = quantize_state_dict(model.state_dict(), hessians, cfg.quant, param_role, dist.device)
     gptq_seconds = time.perf_counter() - t0
@@ -133,10 +131,10 @@ def quantize_run(
         return report
 
     target = run_dir / report["artifact"]
+    rundir.invalidate_from(run_dir, "quant")  # no earlier artifact, eval or summary outlives this one
     atomic_write_bytes(target, blob)
-    if not size.fits:
-        (run_dir / ARTIFACT_NAME).unlink(missing_ok=True)  # never leave a stale artifact that looks valid
-    atomic_write_json(run_dir / "quant.json", report)
+    atomic_write_json(rundir.path(run_dir, rundir.QUANT_JSON), report)
+    rundir.record_stage(run_dir, "quant", to_toml(cfg), [rundir.MODEL])
     if verbose:
         print_report(report)
     if not size.fits:

@@ -21,14 +21,14 @@ from typing import Any
 
 from pgolf.config import load_run_config, to_toml
 from pgolf.fileio import atomic_write_json, atomic_write_text
+from pgolf.rundir import LOG_FILES, QUANT_JSON, SUMMARY_JSON
 from pgolf.singlefile import BundleError, build_bundle_source, bundle_title
 from pgolf.submit.summary import format_summary, write_summary
 
 # tomli: the config parser on Python 3.10 (tomllib is 3.11+), the challenge's eval image (SPEC §9.1)
 REQUIREMENTS = ["torch>=2.4", "numpy", "sentencepiece", "brotli", "zstandard", "numba", 'tomli; python_version < "3.11"']
 # Record-folder copies of run files that state the code bytes: they must state the shipped file's.
-COUNTED_FILES = ("quant.json", "summary.json")
-LOG_FILES = ("train.log", "train.json", "quant.json", "eval.json", "summary.json")
+COUNTED_FILES = (QUANT_JSON, SUMMARY_JSON)
 
 
 def _readme(summary: dict[str, Any], config_toml: str, packed: bool) -> str:

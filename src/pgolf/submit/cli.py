@@ -81,14 +81,14 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 def _report(args: argparse.Namespace) -> int:
     from pgolf.submit.report import render_report
-    from pgolf.submit.summary import format_summary, read_run_json, run_budgets
+    from pgolf.submit.summary import SUMMARY_FILE, format_summary, read_run_json, run_budgets
 
     try:
         path = render_report(args.run_dir, args.out)
     except ModuleNotFoundError as err:
         print(f"pgolf: error: {err}", file=sys.stderr)
         return 2
-    summary = read_run_json(args.run_dir, "summary.json")
+    summary = read_run_json(args.run_dir, SUMMARY_FILE)
     print(format_summary(summary, *run_budgets(args.run_dir)))
     print(f"\nreport: {path}")
     return 0
@@ -108,6 +108,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pgolf import rundir
     from pgolf.config import resolve
     from pgolf.submit.pipeline import run_pipeline, seed_configs
 
@@ -121,7 +122,7 @@ def _run(args: argparse.Namespace) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     dirs = [Path(args.out) / f"seed_{s}" for s in seeds]
     for c, d in zip(seed_configs(cfg, seeds), dirs):
-        run_pipeline(c, d, resume=args.resume and (d / "checkpoint.pt").is_file())
+        run_pipeline(c, d, resume=args.resume and rundir.path(d, rundir.CHECKPOINT).is_file())
     if len(dirs) > 1:
         print(stats.format_stats([stats.load_score(d) for d in dirs], None, None))
     return 0

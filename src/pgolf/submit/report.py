@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pgolf import rundir
 from pgolf.config.schema import EVAL_MODES
 from pgolf.fileio import atomic_write_bytes, atomic_write_text
 from pgolf.submit.stats import optional_import
@@ -29,7 +30,7 @@ from pgolf.submit.summary import (
 PLOT_INCHES = (8.0, 4.5)
 PLOT_DPI = 100
 PLOT_PIXELS = (800, 450)  # PLOT_INCHES * PLOT_DPI: the size of every PNG written here
-REPORT_DIR = "report"
+REPORT_DIR = rundir.REPORT_DIR
 REPORT_FILE = "report.md"
 PLOT_FILES = {
     "loss_vs_step": "loss_vs_step.png",
@@ -190,11 +191,14 @@ def render_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
     out = Path(out_dir) if out_dir is not None else run_dir / REPORT_DIR
     summary = write_summary(run_dir)
     train_budget, eval_budget = run_budgets(run_dir)
-    train = read_run_json(run_dir, "train.json")
-    quant = read_run_json(run_dir, "quant.json")
-    evaluation = read_run_json(run_dir, "eval.json")
-    train_src, quant_src = str(run_dir / "train.json"), str(run_dir / "quant.json")
-    results = eval_results(evaluation, str(run_dir / "eval.json"))
+    train = read_run_json(run_dir, rundir.TRAIN_JSON)
+    quant = read_run_json(run_dir, rundir.QUANT_JSON)
+    evaluation = read_run_json(run_dir, rundir.EVAL_JSON)
+    train_src, quant_src = (
+        str(rundir.path(run_dir, rundir.TRAIN_JSON)),
+        str(rundir.path(run_dir, rundir.QUANT_JSON)),
+    )
+    results = eval_results(evaluation, str(rundir.path(run_dir, rundir.EVAL_JSON)))
 
     history = _history(train, train_src)
     loop_step = train.get("looping_enabled_at_step")

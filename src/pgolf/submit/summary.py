@@ -6,16 +6,17 @@ no torch, so `pgolf stats` / `pgolf report` start fast.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
+from pgolf import rundir
 from pgolf.config import load_run_config
 from pgolf.config.schema import EVAL_MODES
 from pgolf.fileio import atomic_write_json
+from pgolf.rundir import read_json as read_run_json
 
-SUMMARY_FILE = "summary.json"
+SUMMARY_FILE = rundir.SUMMARY_JSON
 
 SUMMARY_KEYS = (
     "val_bpb",
@@ -48,20 +49,6 @@ WATERFALL = (
 
 # The challenge budgets (SPEC §0, §11): 600 s training (quantization included), 600 s evaluation.
 DEFAULT_BUDGET_SECONDS = 600.0
-
-
-def read_run_json(run_dir: str | Path, name: str) -> dict[str, Any]:
-    """RUN_DIR/name parsed as a JSON object; a missing or malformed file is an error naming it."""
-    path = Path(run_dir) / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (the run directory lacks the stage output '{name}')")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def number(data: dict[str, Any], key: str, source: str, *, integer: bool = False) -> float | int:
@@ -110,11 +97,14 @@ def build_summary(run_dir: str | Path) -> dict[str, Any]:
     """
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    train = read_run_json(run_dir, "train.json")
-    quant = read_run_json(run_dir, "quant.json")
-    evaluation = read_run_json(run_dir, "eval.json")
-    train_src, quant_src = str(run_dir / "train.json"), str(run_dir / "quant.json")
-    eval_src = str(run_dir / "eval.json")
+    train = read_run_json(run_dir, rundir.TRAIN_JSON)
+    quant = read_run_json(run_dir, rundir.QUANT_JSON)
+    evaluation = read_run_json(run_dir, rundir.EVAL_JSON)
+    train_src, quant_src = (
+        str(rundir.path(run_dir, rundir.TRAIN_JSON)),
+        str(rundir.path(run_dir, rundir.QUANT_JSON)),
+    )
+    eval_src = str(rundir.path(run_dir, rundir.EVAL_JSON))
 
     by_mode = {res["mode"]: res for res in eval_results(evaluation, eval_src)}
     final = max(by_mode, key=EVAL_MODES.index)

@@ -10,7 +10,6 @@ clock. At the end: final validation of the live weights, EMA copied in, model.pt
 from __future__ import annotations
 
 import copy
-import json
 import math
 import signal
 import threading
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pgolf import rundir
 from pgolf.config import ConfigError, RunConfig, load_run_config, to_dict, to_toml
 from pgolf.data.loader import ShuffledSequenceLoader, sequences_per_microbatch
 from pgolf.data.shards import list_shards
@@ -105,7 +105,7 @@ def _check_resume_config(cfg: RunConfig, run_dir: Path) -> None:
     ]
     if diffs:
         raise ConfigError(
-            f"--resume with a different config than {run_dir / 'config.toml'}: " + "; ".join(diffs[:5])
+            f"--resume with a different config than {rundir.path(run_dir, rundir.CONFIG)}: " + "; ".join(diffs[:5])
         )
 
 
@@ -162,8 +162,8 @@ def train(
         _check_resume_config(cfg, run_dir)
     elif dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.toml", to_toml(cfg))
-        (run_dir / "train.log").unlink(missing_ok=True)
+        atomic_write_text(rundir.path(run_dir, rundir.CONFIG), to_toml(cfg))
+        (rundir.path(run_dir, rundir.TRAIN_LOG)).unlink(missing_ok=True)
 
     grad_accum = grad_accum_steps(cfg, dist.world_size)
     seq_len = cfg.data.train_seq_len
@@ -205,10 +205,10 @@ def train(
     step, elapsed, looping_at = 0, 0.0, None
     history: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
     if resume:
-        ck = load_checkpoint(run_dir / "checkpoint.pt")
+        ck = load_checkpoint(rundir.path(run_dir, rundir.CHECKPOINT))
         if ck["world_size"] != dist.world_size:
             raise ConfigError(
-                f"{run_dir / 'checkpoint.pt'} was written by {ck['world_size']} rank(s); resume with the same "
+                f"{rundir.path(run_dir, rundir.CHECKPOINT)} was written by {ck['world_size']} rank(s); resume with the same "
                 f"number (now {dist.world_size}): each rank continues its own data stream"
             )
         raw.load_state_dict(ck["model"])
@@ -225,7 +225,7 @@ def train(
         raw.set_looping(ck["looping"])
 
     validator, val_note = build_validator(cfg, dist, micro_seqs)
-    logger = TrainLogger(run_dir / "train.log", dist.is_main, tc.iterations, step)
+    logger = TrainLogger(rundir.path(run_dir, rundir.TRAIN_LOG), dist.is_main, tc.iterations, step)
     tokens_per_step = cfg.data.train_batch_tokens
     if resume:
         logger.log(f"resumed step:{step} train_time:{elapsed * 1000:.0f}ms")
@@ -256,7 +256,7 @@ def train(
     def write_checkpoint() -> None:
         state = checkpoint_state()  # collective: every rank takes part
         if dist.is_main:
-            save_checkpoint(run_dir / "checkpoint.pt", state)
+            save_checkpoint(rundir.path(run_dir, rundir.CHECKPOINT), state)
 
     last_val: dict[str, Any] = {"loss": None, "bpb": None}
 
@@ -345,7 +345,7 @@ def train(
                 write_checkpoint()
                 ema.copy_to(raw)
                 if dist.is_main:
-                    atomic_torch_save(run_dir / "model.pt", raw.state_dict())
+                    atomic_torch_save(rundir.path(run_dir, rundir.MODEL), raw.state_dict())
         summary = {
             "steps": step,
             "train_seconds": elapsed,
@@ -358,7 +358,7 @@ def train(
             "history": history,
         }
         if dist.is_main:
-            atomic_write_json(run_dir / "train.json", summary)
+            atomic_write_json(rundir.path(run_dir, rundir.TRAIN_JSON), summary)
         return summary
     finally:
         logger.close()
@@ -374,7 +374,7 @@ def _diverged(
     history: dict[str, Any],
     last_val: dict[str, Any],
 ) -> dict[str, Any]:
-    ck = run_dir / "checkpoint.pt"
+    ck = rundir.path(run_dir, rundir.CHECKPOINT)
     kept = f"last good checkpoint {ck} left untouched" if ck.is_file() else "no checkpoint was written"
     message = (
         f"non-finite train loss at step {step + 1}: training stopped before that optimizer step "
@@ -383,7 +383,7 @@ def _diverged(
     logger.log(f"stopped reason:nan step:{step} {message}")
     if dist.is_main:
         atomic_write_json(
-            run_dir / "train.json",
+            rundir.path(run_dir, rundir.TRAIN_JSON),
             {
                 "steps": step,
                 "train_seconds": elapsed,
@@ -397,14 +397,3 @@ def _diverged(
             },
         )
     raise TrainingDiverged(message)
-
-
-def looping_after_training(run_dir: str | Path, cfg: RunConfig) -> bool:
-    """Depth recurrence of the exported model: on when the config loops and training switched it on
-    (train.json). The one rule calibration (quant) and evaluation both follow."""
-    if cfg.model.num_loops <= 0:
-        return False
-    path = Path(run_dir) / "train.json"
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8")).get("looping_enabled_at_step") is not None
-    return True
