@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from pgolf.config import RunConfig, resolve
 from pgolf.data.shards import shard_name, write_shard
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -109,3 +110,35 @@ def synthetic_shards(tmp_path: Path) -> Path:
     write_shard(tmp_path / shard_name("train", 1), stream(40_000))
     write_shard(tmp_path / shard_name("val", 0), stream(20_000))
     return tmp_path
+
+
+def write_tiny_shards(out: Path) -> Path:
+    """Synthetic shards over a 1,024-token vocab (BOS every ~100 tokens): 2 × 12k train, 3k val."""
+    rng = np.random.default_rng(0)
+    for split, idx, n in (("train", 0, 12_000), ("train", 1, 12_000), ("val", 0, 3_000)):
+        toks = rng.integers(4, 1024, size=n)
+        toks[rng.random(n) < 0.01] = 1
+        write_shard(out / shard_name(split, idx), toks)
+    return out
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    """write_tiny_shards in tmp_path/data."""
+    return write_tiny_shards(tmp_path / "data")
+
+
+def tiny_cfg(data_dir: Path, *sets: str) -> RunConfig:
+    """The smoke preset at vocab 1024, 8 sequences of 128 per step, fp32 (bf16 is slow on AVX2 CPUs)."""
+    base = [
+        f"data.dir={data_dir}",
+        "model.vocab_size=1024",
+        "data.train_batch_tokens=1024",
+        "data.max_val_tokens=1025",
+        "train.autocast=off",
+        "optim.muon_ns_dtype=fp32",
+        "train.iterations=6",
+        "train.log_every=2",
+        "train.val_every=0",
+    ]
+    return resolve("smoke", sets=base + list(sets))

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_submit_summary import make_run_dir
+from test_submit_summary import make_run_dir, record_stages
 
 from pgolf.cli import main
 from pgolf.submit.report import PLOT_FILES, PLOT_PIXELS, REPORT_FILE, byte_segments, render_report
@@ -78,6 +78,7 @@ def test_report_handles_nan_loss_and_empty_val_history(tmp_path: Path) -> None:
     train["history"]["val"] = []
     train["looping_enabled_at_step"] = None
     (run / "train.json").write_text(json.dumps(train))
+    record_stages(run)
     report = render_report(run, tmp_path / "out")
     assert report.parent == tmp_path / "out"
     assert all(png_size(report.parent / name) == PLOT_PIXELS for name in PLOT_FILES.values())
@@ -89,6 +90,7 @@ def test_bad_history_is_named(tmp_path: Path) -> None:
     train = json.loads((run / "train.json").read_text())
     train["history"]["val"][0].pop("time_s")
     (run / "train.json").write_text(json.dumps(train))
+    record_stages(run)
     with pytest.raises(ValueError, match=r"train.json: history.val\[0\]: missing field 'time_s'"):
         render_report(run)
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+from pgolf import rundir
 from pgolf.cli import main
 from pgolf.fileio import atomic_write_json
 from pgolf.submit.stats import (
@@ -36,6 +37,7 @@ def write_runs(root: Path, name: str, bpbs: list[float]) -> list[str]:
     for i, bpb in enumerate(bpbs):
         run = root / f"{name}{i}"
         atomic_write_json(run / "summary.json", {"val_bpb": bpb, "val_loss": bpb * RATIO, "seed": i})
+        rundir.record_stage(run, "summary", None, [])
         dirs.append(str(run))
     return dirs
 

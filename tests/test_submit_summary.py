@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from pgolf import rundir
 from pgolf.config import ConfigError, preset, to_toml
 from pgolf.config.schema import EVAL_MODES
 from pgolf.submit.summary import (
@@ -94,6 +95,14 @@ def make_run_dir(
     }
     for name, obj in (("train.json", train), ("quant.json", quant), ("eval.json", evaluation)):
         (path / name).write_text(json.dumps(obj))
+    return record_stages(path)
+
+
+def record_stages(path: Path) -> Path:
+    """Fingerprints as the stages record them (train from config.toml; no weight files in these dirs)."""
+    rundir.record_stage(path, "train", (path / "config.toml").read_text(), [])
+    rundir.record_stage(path, "quant", (path / "config.toml").read_text(), [])
+    rundir.record_stage(path, "eval", None, [])
     return path
 
 

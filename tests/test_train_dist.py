@@ -18,7 +18,7 @@ from pgolf.optim import Muon, build_optimizers
 from pgolf.runtime import DistInfo
 from pgolf.train import StepEvent, TrainStep, train
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("one_thread")]
 
 
 SHAPES = [(48, 32), (32, 48), (32, 32), (32, 48), (96, 32)]
@@ -98,7 +98,7 @@ def worker(rank: int, world: int, port: int, out: str, data_dir: str) -> None:
     losses, weights = ddp_steps(rank, world)
     torch.save({"params": params, "bufs": bufs, "losses": losses, "weights": weights}, f"{out}/rank{rank}.pt")
 
-    from test_train import tiny_cfg
+    from conftest import tiny_cfg
 
     cfg = tiny_cfg(Path(data_dir), "train.iterations=3", "data.grad_accum=1")
 
@@ -122,7 +122,7 @@ def spawn_two(out: Path, data_dir: Path, timeout_s: float = 240.0) -> None:
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory) -> Path:
-    from test_train import write_tiny_shards
+    from conftest import write_tiny_shards
 
     out = tmp_path_factory.mktemp("dist")
     spawn_two(out, write_tiny_shards(out / "data"))

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pgolf.fileio import atomic_write_json
+from pgolf.fileio import atomic_write_json, file_sha256
 
 CONFIG = "config.toml"
 TRAIN_LOG = "train.log"
@@ -82,24 +82,30 @@ def read_json(run_dir: str | Path, name: str) -> dict[str, Any]:
     return data
 
 
-def load_weights(file: str | Path) -> dict[str, Any]:
-    """A plain state_dict from `file` (model.pt): tensors only, never unpickling code; errors name the file."""
+def load_plain(file: str | Path, what: str) -> Any:
+    """torch.load of tensors and plain data only (weights_only=True): a file whose unpickling would run code
+    is refused, a truncated or foreign one is an error; both name the file and `what` it should be."""
     import pickle
 
     import torch
 
-    file = Path(file)
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: no trained weights (run `pgolf train` first)")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(
             f"{file}: refused: it holds Python objects other than tensors and plain data, and loading them "
             f"could run code ({str(err).splitlines()[0][:160]})"
         ) from None
     except Exception as err:  # truncated, not a torch file, ...
-        raise ValueError(f"{file}: not a readable weights file ({type(err).__name__}: {err})") from None
+        raise ValueError(f"{file}: not a readable {what} ({type(err).__name__}: {err})") from None
+
+
+def load_weights(file: str | Path) -> dict[str, Any]:
+    """A plain state_dict from `file` (model.pt); errors name the file."""
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no trained weights (run `pgolf train` first)")
+    state = load_plain(file, "weights file")
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise ValueError(f"{file}: expected a state_dict (tensor name -> tensor)")
     return state
@@ -117,14 +123,6 @@ def looping_after_training(run_dir: str | Path, cfg: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------------- fingerprints
-def file_sha256(file: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -195,21 +193,22 @@ def check_fresh(run_dir: str | Path, stages: Iterable[str] = STAGES, same_config
     config_sha = file_sha256(path(run_dir, CONFIG)) if path(run_dir, CONFIG).is_file() else None
     for stage in stages:
         entry = stage_record(run_dir, stage)
+        rerun = "`pgolf report`" if stage == "summary" else f"the {stage} stage"
+        first = next(iter(entry["outputs"]), stage)
         for name, sha in entry["outputs"].items():
             file = path(run_dir, name)
-            if not file.is_file() or file_sha256(file) != sha:
+            if not file.is_file():
                 raise StaleRunError(
-                    f"{file}: changed or removed since the {stage} stage wrote it; rerun `pgolf {stage}`"
-                    if stage != "summary"
-                    else f"{file}: changed since it was written; rerun `pgolf report`"
+                    f"{file} not found (removed after the {stage} stage wrote it); rerun {rerun}"
                 )
+            if file_sha256(file) != sha:
+                raise StaleRunError(f"{file}: changed since the {stage} stage wrote it; rerun {rerun}")
         for name, sha in entry["inputs"].items():
             file = path(run_dir, name)
             if not file.is_file() or file_sha256(file) != sha:
-                made = ", ".join(entry["outputs"]) or stage
                 raise StaleRunError(
-                    f"{path(run_dir, made.split(', ')[0])}: stale: made from an earlier {name} than the one in "
-                    f"{run_dir}; rerun the {stage} stage"
+                    f"{path(run_dir, first)}: stale: made from another {name} than the one now in {run_dir}; "
+                    f"rerun {rerun}"
                 )
         if entry["config"] is None or entry["config"] == config_sha:
             continue
@@ -217,8 +216,8 @@ def check_fresh(run_dir: str | Path, stages: Iterable[str] = STAGES, same_config
             raise StaleRunError(f"{path(run_dir, CONFIG)}: changed since the model was trained")
         if same_config:
             raise StaleRunError(
-                f"{path(run_dir, next(iter(entry['outputs']), stage))}: made with a config other than "
-                f"{path(run_dir, CONFIG)} (`--set` overrides): rerun the {stage} stage without them"
+                f"{path(run_dir, first)}: made with a config other than {path(run_dir, CONFIG)} "
+                f"(`--set` overrides): rerun {rerun} without them"
             )
 
 

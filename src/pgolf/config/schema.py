@@ -96,6 +96,7 @@ class TrainConfig:
     compile: str = "auto"  # auto (CUDA yes, CPU no) | on | off
     autocast: str = "auto"  # auto (bf16 on CUDA and AMX/AVX512-BF16 CPUs, else fp32) | bf16 | off
     device: str = "auto"  # auto | cpu | cuda
+    checkpoint_seconds: float = 60.0  # also checkpoint every N training seconds (0 = off); counts as training time
 
 
 @dataclass

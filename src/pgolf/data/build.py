@@ -18,7 +18,6 @@ UTF-8 bytes of every token (pgolf.data.sidecar), which val_bpb then divides by.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -35,7 +34,7 @@ import numpy as np
 
 from pgolf.data import caseops as case_transform
 from pgolf.data.shards import MAX_SHARD_TOKENS, shard_name, sidecar_name, write_shard
-from pgolf.fileio import atomic_write_json
+from pgolf.fileio import atomic_write_json, file_sha256
 
 BOS_ID = 1
 DOC_SUFFIXES = (".jsonl.gz", ".jsonl", ".txt")
@@ -57,14 +56,6 @@ TRAINER_SETTINGS: dict[str, Any] = {
 
 class InputError(ValueError):
     """A document file is unreadable or malformed; the message names the file (and line)."""
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _suffix_ok(path: Path) -> bool:

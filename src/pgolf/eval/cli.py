@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from pgolf.cliargs import non_negative_float
 from pgolf.config.cli import add_set_argument
 
 MODE_FLAGS = ("prequant", "quant", "sliding", "ttt", "ngram")
@@ -18,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("run_dir")
     for mode in MODE_FLAGS:
         ev.add_argument(f"--{mode}", action="store_true", help=f"run the '{mode}' mode")
-    ev.add_argument("--budget", type=float, default=None, help="eval time budget in seconds (0 = none)")
+    ev.add_argument("--budget", type=non_negative_float, default=None, help="eval time budget in seconds (0 = none)")
     _add_sets(ev)
     ev.set_defaults(func=_eval)
 

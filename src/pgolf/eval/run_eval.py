@@ -218,6 +218,6 @@ def evaluate_run(
         "stopped_early": stopped_early,
     }
     if info.is_main:
-        out = rundir.write_eval_results(run_dir, out)  # keeps earlier modes measured on the same files
+        rundir.write_eval_results(run_dir, out)  # the file keeps earlier modes measured on the same files
         print(f"eval done in {out['eval_seconds']:.1f} s -> {run_dir / EVAL_FILE}")
     return out

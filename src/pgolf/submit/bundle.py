@@ -24,6 +24,7 @@ from pgolf.fileio import atomic_write_json, atomic_write_text
 from pgolf.rundir import LOG_FILES, QUANT_JSON, SUMMARY_JSON
 from pgolf.singlefile import BundleError, build_bundle_source, bundle_title
 from pgolf.submit.summary import format_summary, write_summary
+from pgolf.submit.verify import verify_run_for_bundle
 
 # tomli: the config parser on Python 3.10 (tomllib is 3.11+), the challenge's eval image (SPEC §9.1)
 REQUIREMENTS = ["torch>=2.4", "numpy", "sentencepiece", "brotli", "zstandard", "numba", 'tomli; python_version < "3.11"']
@@ -65,6 +66,7 @@ config. The last lines printed are the final `val_bpb` and the total submission 
 def bundle_run(run_dir: str | Path, out_dir: str | Path, packed: bool | None = None) -> dict[str, Any]:
     """Write the record folder for RUN_DIR; refuses (BundleError) when code + artifact exceed the cap."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    verify_run_for_bundle(run_dir)
     cfg = load_run_config(run_dir)
     packed = cfg.quant.packed_code if packed is None else packed
     summary = write_summary(run_dir)

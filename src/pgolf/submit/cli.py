@@ -103,6 +103,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     p.add_argument("--seeds", help="comma list: one run per seed in RUN_DIR/seed_N, then their statistics")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    p.add_argument(
+        "--fresh", action="store_true", help="discard RUN_DIR's checkpoint and outputs, start over"
+    )
     add_config_arguments(p)
     p.set_defaults(func=_run)
 
@@ -113,19 +116,36 @@ def _run(args: argparse.Namespace) -> int:
     from pgolf.submit.pipeline import run_pipeline, seed_configs
 
     sets = list(args.sets) + ([f"data.dir={args.data}"] if args.data else [])
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     cfg = resolve(args.preset, args.config, sets=sets)
-    if not args.seeds:
-        run_pipeline(cfg, args.out, resume=args.resume)
+    if seeds is None:
+        run_pipeline(cfg, args.out, resume=args.resume, fresh=args.fresh)
         return 0
     from pgolf.submit import stats
 
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     dirs = [Path(args.out) / f"seed_{s}" for s in seeds]
     for c, d in zip(seed_configs(cfg, seeds), dirs):
-        run_pipeline(c, d, resume=args.resume and rundir.path(d, rundir.CHECKPOINT).is_file())
+        resume = args.resume and rundir.path(d, rundir.CHECKPOINT).is_file()
+        run_pipeline(c, d, resume=resume, fresh=args.fresh)
     if len(dirs) > 1:
         print(stats.format_stats([stats.load_score(d) for d in dirs], None, None))
     return 0
+
+
+def parse_seeds(text: str) -> list[int]:
+    """--seeds "1,2,3" -> [1, 2, 3]: integers, at least one, no repeats."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        seeds = [int(p) for p in parts if p]
+    except ValueError:
+        raise ValueError(
+            f"--seeds {text!r}: expected a comma-separated list of integers, e.g. 1337,42,2025"
+        ) from None
+    if not seeds or len(seeds) != len(parts) or len(set(seeds)) != len(seeds):
+        raise ValueError(
+            f"--seeds {text!r}: expected distinct integers separated by single commas, e.g. 1337,42"
+        )
+    return seeds
 
 
 def _add_bundle(sub: argparse._SubParsersAction) -> None:

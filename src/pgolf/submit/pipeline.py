@@ -10,13 +10,23 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from pgolf import rundir
 from pgolf.config import RunConfig
-from pgolf.eval.run_eval import evaluate_run
+from pgolf.eval.run_eval import evaluate_run, plan_passes
 from pgolf.quant.budget import quant_reserve_seconds
 from pgolf.quant.pipeline import OverCapError, quantize_run
 from pgolf.runtime import barrier, init_distributed
 from pgolf.submit.summary import format_summary, run_budgets, write_summary
-from pgolf.train.loop import train
+from pgolf.train.loop import SIGNAL_EXIT, train
+from pgolf.train.preflight import check_inputs
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on SIGINT/SIGTERM (checkpoint written): the pipeline ends there, exit 128 + signal."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def run_pipeline(
@@ -25,17 +35,37 @@ def run_pipeline(
     resume: bool = False,
     code_bytes: int | None = None,
     verbose: bool = True,
+    fresh: bool = False,
 ) -> dict[str, Any]:
-    """Train, quantize (inside the training budget's reserve), evaluate the preset's plan; returns summary."""
+    """Train, quantize (inside the training budget's reserve), evaluate the preset's plan; returns summary.
+    Inputs (data, tokenizer, eval plan) are checked first; RUN_DIR stays locked throughout."""
     run_dir = Path(run_dir)
+    check_inputs(cfg, need_eval=True)
+    plan_passes(list(cfg.eval.plan))
+    dist = init_distributed(cfg.train.device)
+    with rundir.RunLock(run_dir, enabled=dist.is_main):
+        return _run_stages(cfg, run_dir, resume, fresh, code_bytes, verbose)
+
+
+def _run_stages(
+    cfg: RunConfig, run_dir: Path, resume: bool, fresh: bool, code_bytes: int | None, verbose: bool
+) -> dict[str, Any]:
     dist = init_distributed(cfg.train.device)
     reserve = quant_reserve_seconds(cfg, dist.device)
     if verbose and dist.is_main:
         print(
             f"pgolf run {cfg.preset} -> {run_dir} (world {dist.world_size}, quantization reserve {reserve:.1f} s)"
         )
-    train(cfg, run_dir, resume=resume, quant_reserve_seconds=reserve)
+    result = train(cfg, run_dir, resume=resume, quant_reserve_seconds=reserve, fresh=fresh)
     barrier()
+    reason = result["stopped_reason"]
+    if reason in SIGNAL_EXIT:
+        raise TrainingInterrupted(
+            f"training interrupted by {reason.upper()} at step {result['steps']}: "
+            f"{rundir.path(run_dir, rundir.CHECKPOINT)} saved; not quantized or evaluated; "
+            f"continue with `pgolf run ... --resume`",
+            SIGNAL_EXIT[reason],
+        )
     over_cap = None
     try:
         quantize_run(run_dir, verbose=verbose, code_bytes=code_bytes)

@@ -189,6 +189,7 @@ def render_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
     the report.md path."""
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / REPORT_DIR
+    rundir.check_fresh(run_dir, ("train", "quant", "eval"))  # one model's parts, or a refusal naming the file
     summary = write_summary(run_dir)
     train_budget, eval_budget = run_budgets(run_dir)
     train = read_run_json(run_dir, rundir.TRAIN_JSON)

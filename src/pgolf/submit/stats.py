@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from pgolf import rundir
 from pgolf.submit.summary import SUMMARY_FILE, number, read_run_json
 
 RECORD_THRESHOLD_NATS = 0.005
@@ -65,6 +66,7 @@ def load_score(run_dir: str | Path) -> RunScore:
     loss = number(summary, "val_loss", source)
     if bpb <= 0 or loss <= 0:
         raise ValueError(f"{source}: val_bpb and val_loss must be positive, got {bpb!r} and {loss!r}")
+    rundir.check_fresh(run_dir, ("summary",))  # made from the train/quant/eval files now in RUN_DIR
     return RunScore(str(run_dir), bpb, loss)
 
 

@@ -132,6 +132,7 @@ def write_summary(run_dir: str | Path) -> dict[str, Any]:
     """Build the summary and write RUN_DIR/summary.json atomically; returns it."""
     summary = build_summary(run_dir)
     atomic_write_json(Path(run_dir) / SUMMARY_FILE, summary)
+    rundir.record_stage(run_dir, "summary", None, [rundir.TRAIN_JSON, rundir.QUANT_JSON, rundir.EVAL_JSON])
     return summary
 
 

@@ -2,6 +2,8 @@
 
 Shared state (weights, optimizers, EMA, step, clock, looping flag, history) is identical on every rank;
 per-rank state (loader position, RNG states) is gathered so each rank restores its own on resume.
+Everything in it is tensors and plain Python data (numpy's RNG key as a list), so it loads with
+torch.load(weights_only=True): a checkpoint that would need unpickling code to load is refused.
 """
 
 from __future__ import annotations
@@ -15,22 +17,31 @@ import torch
 import torch.distributed as dist
 
 from pgolf.fileio import atomic_torch_save
+from pgolf.rundir import load_plain
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: plain-data RNG states (loads with weights_only=True)
 
 
 def rng_state() -> dict[str, Any]:
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": _plain_numpy_state(np.random.get_state(legacy=False)),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
 
+def _plain_numpy_state(state: dict[str, Any]) -> dict[str, Any]:
+    return dict(state, state=dict(state["state"], key=[int(k) for k in state["state"]["key"]]))
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = dict(state["numpy"])
+    numpy_state["state"] = dict(
+        numpy_state["state"], key=np.asarray(numpy_state["state"]["key"], dtype=np.uint32)
+    )
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -54,11 +65,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint to resume from (train without --resume first)")
-    try:
-        # Our own file: it holds numpy/python RNG states, which the weights-only unpickler rejects.
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or foreign file: say which
-        raise ValueError(f"{path}: not a readable pgolf checkpoint ({err})") from None
+    state = load_plain(path, "pgolf checkpoint")
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path}: not a pgolf checkpoint of version {CHECKPOINT_VERSION}")
     return state

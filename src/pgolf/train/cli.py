@@ -7,9 +7,8 @@ created by the loop (runtime.init_distributed).
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
+from pgolf.cliargs import non_negative_float
 from pgolf.config import load_run_config, resolve
 from pgolf.config.cli import add_config_arguments
 from pgolf.config.overrides import apply_sets
@@ -22,8 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run directory (created)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.add_argument(
+        "--fresh", action="store_true", help="discard RUN_DIR's checkpoint and outputs, start over"
+    )
+    p.add_argument(
         "--quant-reserve",
-        type=float,
+        type=non_negative_float,
         default=None,
         help="seconds kept from the wallclock cap for quantization (default: train.quant_reserve_seconds)",
     )
@@ -32,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pgolf.train.loop import TrainingDiverged, train
+    from pgolf.train.loop import SIGNAL_EXIT, train
 
     sets = list(args.sets) + ([f"data.dir={args.data}"] if args.data else [])
     if args.preset:
@@ -42,11 +44,5 @@ def _train(args: argparse.Namespace) -> int:
         apply_sets(cfg, sets)
     else:
         raise ValueError("pgolf train: --preset is required (unless --resume continues RUN_DIR/config.toml)")
-    if not Path(cfg.data.dir).is_dir():
-        raise FileNotFoundError(f"data.dir={cfg.data.dir!r} is not a folder (pass --data DIR)")
-    try:
-        result = train(cfg, args.out, resume=args.resume, quant_reserve_seconds=args.quant_reserve)
-    except TrainingDiverged as err:
-        print(f"pgolf train: {err}", file=sys.stderr)
-        return 3
-    return 0 if result["stopped_reason"] != "sigterm" else 143
+    result = train(cfg, args.out, args.resume, args.quant_reserve, fresh=args.fresh)
+    return SIGNAL_EXIT.get(result["stopped_reason"], 0)

@@ -45,11 +45,18 @@ class EMA:
         torch._foreach_add_(self.shadow, live, alpha=1.0 - self.decay)
 
     @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        """Load the averaged weights into `model`, each cast back to the dtype of the live tensor."""
-        state = model.state_dict()
+    def averaged_state(self, model: nn.Module) -> dict[str, Tensor]:
+        """model's state_dict with the averaged weights, each cast to the live tensor's dtype (model.pt);
+        the live weights stay untouched."""
+        state = {name: t.detach().clone() for name, t in model.state_dict().items()}
         for name, avg in zip(self.names, self.shadow):
             state[name].copy_(avg.to(state[name].dtype))
+        return state
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Load the averaged weights into `model`, each cast back to the dtype of the live tensor."""
+        model.load_state_dict(self.averaged_state(model))
 
     def state_dict(self) -> dict[str, Any]:
         return {
