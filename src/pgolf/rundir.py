@@ -176,7 +176,9 @@ def stage_record(run_dir: str | Path, stage: str) -> dict[str, Any]:
     """The fingerprint entry of `stage`; StaleRunError naming the output when there is none."""
     entry = _ledger(run_dir).get(stage)
     if entry is None:
-        names = ", ".join(n for n in STAGE_OUTPUTS[stage] if path(run_dir, n).is_file()) or stage
+        names = ", ".join(n for n in STAGE_OUTPUTS[stage] if path(run_dir, n).is_file())
+        if not names:
+            raise StaleRunError(f"{path(run_dir, STAGE_OUTPUTS[stage][-1])} not found: run the {stage} stage")
         raise StaleRunError(
             f"{path(run_dir, FINGERPRINTS)}: no record of what {names} was made from "
             f"(written by an older pgolf, by hand, or interrupted): rerun that stage"

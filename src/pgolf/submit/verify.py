@@ -15,7 +15,7 @@ def verify_run_for_bundle(run_dir: str | Path) -> None:
     from pgolf.quant.pipeline import load_artifact_model
 
     run_dir = Path(run_dir)
-    rundir.check_fresh(run_dir, same_config=True)
+    rundir.check_fresh(run_dir, ("train", "quant", "eval"), same_config=True)  # bundle rewrites summary.json
     quant = rundir.read_json(run_dir, rundir.QUANT_JSON)
     artifact = rundir.path(run_dir, rundir.ARTIFACT)
     if not quant.get("fits") or not artifact.is_file():

@@ -466,13 +466,16 @@ def train(
     with rundir.RunLock(run_dir, enabled=dist.is_main):
         if resume:
             _check_resume_config(cfg, run_dir)
-        if dist.is_main:
+        elif dist.is_main:
             rundir.invalidate_from(run_dir, "train")
-            if not resume:
-                rundir.path(run_dir, rundir.CHECKPOINT).unlink(missing_ok=True)
-                rundir.path(run_dir, rundir.TRAIN_LOG).unlink(missing_ok=True)
-                atomic_write_text(rundir.path(run_dir, rundir.CONFIG), to_toml(cfg))
+            rundir.path(run_dir, rundir.CHECKPOINT).unlink(missing_ok=True)
+            rundir.path(run_dir, rundir.TRAIN_LOG).unlink(missing_ok=True)
+            atomic_write_text(rundir.path(run_dir, rundir.CONFIG), to_toml(cfg))
         trainer = Trainer(cfg, run_dir, resume, quant_reserve_seconds, on_step)
+        if resume and dist.is_main:
+            rundir.invalidate_from(
+                run_dir, "train"
+            )  # only once the checkpoint has loaded: a failed resume keeps all
         try:
             return trainer.run()
         finally:
