@@ -161,6 +161,8 @@ def test_bad_inputs_fail_before_training(sp1024_shards: Path, tiny_data: Path, t
     assert_refused(capsys, run_argv(no_tok, out), out, "tokenizer not found")
 
     assert_refused(capsys, run_argv(sp1024_shards, out, "--seeds", ","), out, "--seeds ','")
+    for key, value in (("data.train_seq_len", "0"), ("optim.matrix_lr", "-1")):
+        assert_refused(capsys, run_argv(sp1024_shards, out, "--set", f"{key}={value}"), out, key, value)
     with pytest.raises(SystemExit) as exit_:
         main(["eval", str(out), "--budget", "-5"])
     assert exit_.value.code == 2 and "expected a finite number >= 0" in capsys.readouterr().err

@@ -259,6 +259,7 @@ RANGES: dict[str, Range] = {
     "train.val_every": NON_NEGATIVE,
     "train.val_max_tokens": NON_NEGATIVE,
     "train.checkpoint_every": NON_NEGATIVE,
+    "train.checkpoint_seconds": NON_NEGATIVE,
     "quant.clip_percentile": Range(0, 100),
     "quant.calibration_batches": NON_NEGATIVE,
     "quant.calibration_batch_tokens": NON_NEGATIVE,

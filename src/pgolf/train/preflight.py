@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pgolf.config import ConfigError, RunConfig
+from pgolf.config import RunConfig
 from pgolf.data.bytes import load_tokenizer
 from pgolf.data.shards import ShardError, list_shards, read_shard
 from pgolf.fileio import file_sha256
@@ -70,8 +70,6 @@ def check_inputs(cfg: RunConfig, need_eval: bool) -> None:
         return
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data.dir={cfg.data.dir!r} is not a folder (pass --data DIR)")
-    if cfg.data.train_seq_len <= 0:
-        raise ConfigError(f"data.train_seq_len={cfg.data.train_seq_len} must be >= 1")
     check_shard_ids(list_shards(data_dir, "train"), cfg.model.vocab_size)
     has_val = any(data_dir.glob("fineweb_val_*.bin"))
     if need_eval or has_val:
