@@ -56,7 +56,9 @@ def _encode_docs(sp, docs: list[str]) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
-def make_real_shards(root: Path, tokenizer: Path, out: Path, val_docs: int, train_docs: int, n_train: int = 2) -> Path:
+def make_real_shards(
+    root: Path, tokenizer: Path, out: Path, val_docs: int, train_docs: int, n_train: int = 2
+) -> Path:
     """Tokenize the first docs of the shared val/train files into `n_train` train shards + 1 val shard."""
     import shutil
 
@@ -64,7 +66,9 @@ def make_real_shards(root: Path, tokenizer: Path, out: Path, val_docs: int, trai
 
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
     out.mkdir(parents=True, exist_ok=True)
-    write_shard(out / shard_name("val", 0), _encode_docs(sp, read_docs(root / "val" / "val_000.jsonl.gz", val_docs)))
+    write_shard(
+        out / shard_name("val", 0), _encode_docs(sp, read_docs(root / "val" / "val_000.jsonl.gz", val_docs))
+    )
     train = _encode_docs(sp, read_docs(root / "train" / "train_000.jsonl.gz", train_docs))
     for i, part in enumerate(np.array_split(train, n_train)):
         write_shard(out / shard_name("train", i), part)
@@ -76,14 +80,18 @@ def make_real_shards(root: Path, tokenizer: Path, out: Path, val_docs: int, trai
 def sp8192_shards(test_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny real sp8192 data folder: 2 train shards (~300 docs) + val shard (60 docs) + tokenizer.model."""
     out = tmp_path_factory.mktemp("sp8192")
-    return make_real_shards(test_data_dir, test_data_dir / "tokenizers" / "fineweb_8192_bpe.model", out, 60, 300)
+    return make_real_shards(
+        test_data_dir, test_data_dir / "tokenizers" / "fineweb_8192_bpe.model", out, 60, 300
+    )
 
 
 @pytest.fixture(scope="session")
 def sp1024_shards(test_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny real cpu-golf data folder (corpus_1024 tokenizer), same layout as sp8192_shards."""
     out = tmp_path_factory.mktemp("sp1024")
-    return make_real_shards(test_data_dir, test_data_dir / "tokenizers" / "corpus_1024_bpe.model", out, 60, 300)
+    return make_real_shards(
+        test_data_dir, test_data_dir / "tokenizers" / "corpus_1024_bpe.model", out, 60, 300
+    )
 
 
 @pytest.fixture
@@ -128,17 +136,19 @@ def tiny_data(tmp_path: Path) -> Path:
     return write_tiny_shards(tmp_path / "data")
 
 
+# The smoke preset shrunk for tests: vocab 1024, 8 sequences of 128 per step, fp32, 6 steps.
+TINY_SETS = (
+    "model.vocab_size=1024",
+    "data.train_batch_tokens=1024",
+    "data.max_val_tokens=1025",
+    "train.autocast=off",
+    "optim.muon_ns_dtype=fp32",
+    "train.iterations=6",
+    "train.log_every=2",
+    "train.val_every=0",
+)
+
+
 def tiny_cfg(data_dir: Path, *sets: str) -> RunConfig:
     """The smoke preset at vocab 1024, 8 sequences of 128 per step, fp32 (bf16 is slow on AVX2 CPUs)."""
-    base = [
-        f"data.dir={data_dir}",
-        "model.vocab_size=1024",
-        "data.train_batch_tokens=1024",
-        "data.max_val_tokens=1025",
-        "train.autocast=off",
-        "optim.muon_ns_dtype=fp32",
-        "train.iterations=6",
-        "train.log_every=2",
-        "train.val_every=0",
-    ]
-    return resolve("smoke", sets=base + list(sets))
+    return resolve("smoke", sets=[f"data.dir={data_dir}", *TINY_SETS, *sets])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_cfg
+from conftest import TINY_SETS, tiny_cfg
 
 from pgolf import rundir
 from pgolf.cli import main
@@ -20,16 +20,7 @@ from pgolf.eval.run_eval import evaluate_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = [
-    "model.vocab_size=1024",
-    "data.train_batch_tokens=1024",
-    "data.max_val_tokens=1025",
-    "train.autocast=off",
-    "optim.muon_ns_dtype=fp32",
-    "train.iterations=4",
-    "train.val_every=0",
-    "eval.plan=prequant,quant",
-]
+TINY = [*TINY_SETS, "train.iterations=4", "eval.plan=prequant,quant"]
 
 
 def run_argv(data: Path, out: Path, *extra: str) -> list[str]:

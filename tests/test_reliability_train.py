@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import TINY_SETS, tiny_cfg
 
 from pgolf import rundir
 from pgolf.cli import main
@@ -28,17 +28,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 def cli_sets(*sets: str) -> list[str]:
     """tiny_cfg's overrides as `--set` arguments of the smoke preset."""
-    base = [
-        "model.vocab_size=1024",
-        "data.train_batch_tokens=1024",
-        "data.max_val_tokens=1025",
-        "train.autocast=off",
-        "optim.muon_ns_dtype=fp32",
-        "train.iterations=6",
-        "train.val_every=0",
-        *sets,
-    ]
-    return [arg for s in base for arg in ("--set", s)]
+    return [arg for s in (*TINY_SETS, *sets) for arg in ("--set", s)]
 
 
 class RunsCode:

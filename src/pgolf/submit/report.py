@@ -22,7 +22,7 @@ from pgolf.submit.summary import (
     eval_results,
     format_summary,
     number,
-    read_run_json,
+    read_stage_files,
     run_budgets,
     write_summary,
 )
@@ -192,14 +192,8 @@ def render_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
     rundir.check_fresh(run_dir, ("train", "quant", "eval"))  # one model's parts, or a refusal naming the file
     summary = write_summary(run_dir)
     train_budget, eval_budget = run_budgets(run_dir)
-    train = read_run_json(run_dir, rundir.TRAIN_JSON)
-    quant = read_run_json(run_dir, rundir.QUANT_JSON)
-    evaluation = read_run_json(run_dir, rundir.EVAL_JSON)
-    train_src, quant_src = (
-        str(rundir.path(run_dir, rundir.TRAIN_JSON)),
-        str(rundir.path(run_dir, rundir.QUANT_JSON)),
-    )
-    results = eval_results(evaluation, str(rundir.path(run_dir, rundir.EVAL_JSON)))
+    (train, train_src), (quant, quant_src), (evaluation, eval_src) = read_stage_files(run_dir)
+    results = eval_results(evaluation, eval_src)
 
     history = _history(train, train_src)
     loop_step = train.get("looping_enabled_at_step")

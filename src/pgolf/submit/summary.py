@@ -66,6 +66,12 @@ def number(data: dict[str, Any], key: str, source: str, *, integer: bool = False
     return int(value) if integer else float(value)
 
 
+def read_stage_files(run_dir: str | Path) -> list[tuple[dict[str, Any], str]]:
+    """[(data, path for messages)] of train.json, quant.json and eval.json."""
+    names = (rundir.TRAIN_JSON, rundir.QUANT_JSON, rundir.EVAL_JSON)
+    return [(read_run_json(run_dir, name), str(rundir.path(run_dir, name))) for name in names]
+
+
 def eval_results(evaluation: dict[str, Any], source: str) -> list[dict[str, Any]]:
     """eval.json's results (`source` names the file), validated: known modes, each at most once,
     finite loss and bpb."""
@@ -97,14 +103,7 @@ def build_summary(run_dir: str | Path) -> dict[str, Any]:
     """
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    train = read_run_json(run_dir, rundir.TRAIN_JSON)
-    quant = read_run_json(run_dir, rundir.QUANT_JSON)
-    evaluation = read_run_json(run_dir, rundir.EVAL_JSON)
-    train_src, quant_src = (
-        str(rundir.path(run_dir, rundir.TRAIN_JSON)),
-        str(rundir.path(run_dir, rundir.QUANT_JSON)),
-    )
-    eval_src = str(rundir.path(run_dir, rundir.EVAL_JSON))
+    (train, train_src), (quant, quant_src), (evaluation, eval_src) = read_stage_files(run_dir)
 
     by_mode = {res["mode"]: res for res in eval_results(evaluation, eval_src)}
     final = max(by_mode, key=EVAL_MODES.index)
