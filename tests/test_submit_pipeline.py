@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pgolf import rundir
 from pgolf.cli import main
 from pgolf.config import preset, to_toml
 from pgolf.singlefile import (
@@ -77,6 +78,10 @@ def test_bundle_record_folder_and_cap_refusal(smoke_run: Path, tmp_path: Path, c
             (tight / f.name).write_bytes(f.read_bytes())
     toml = (tight / "config.toml").read_text().replace("cap_bytes = 16000000", "cap_bytes = 1000")
     (tight / "config.toml").write_text(toml)
+    assert main(["bundle", str(tight), "--out", str(tmp_path / "refused")]) == 2
+    assert "config.toml: changed since the model was trained" in capsys.readouterr().err
+    for stage, inputs in (("train", []), ("quant", ["model.pt"])):  # as if trained and quantized at that cap
+        rundir.record_stage(tight, stage, toml, inputs)
     assert main(["bundle", str(tight), "--out", str(tmp_path / "refused")]) == 2
     assert "exceeds the cap of 1,000" in capsys.readouterr().err
     assert not (tmp_path / "refused" / "train_gpt.py").exists()

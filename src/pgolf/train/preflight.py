@@ -2,13 +2,15 @@
 and what was expected, so a bad shard, tokenizer or missing split costs seconds, not a training run.
 
 Every train and val shard is scanned once for token ids >= model.vocab_size (a memory-mapped max: the
-loader would otherwise fail with an IndexError mid-run); the tokenizer must be the one the shards were built
-with when the data folder's manifest.json records its sha256.
+loader would otherwise fail with an IndexError mid-run); under torchrun each rank scans its share of the
+train shards (RANK::WORLD_SIZE; a rank that fails ends the job) and all of val. The tokenizer must be the
+one the shards were built with when the data folder's manifest.json records its sha256.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from pgolf.config import RunConfig
@@ -70,7 +72,8 @@ def check_inputs(cfg: RunConfig, need_eval: bool) -> None:
         return
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data.dir={cfg.data.dir!r} is not a folder (pass --data DIR)")
-    check_shard_ids(list_shards(data_dir, "train"), cfg.model.vocab_size)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    check_shard_ids(list_shards(data_dir, "train")[rank::world], cfg.model.vocab_size)
     has_val = any(data_dir.glob("fineweb_val_*.bin"))
     if need_eval or has_val:
         check_shard_ids(list_shards(data_dir, "val"), cfg.model.vocab_size)
