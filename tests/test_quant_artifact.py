@@ -187,9 +187,13 @@ def test_reordering_is_kept_only_when_it_pays_and_inverts_exactly():
     torch.manual_seed(3)
     protos = torch.randint(-31, 32, (8, 64), dtype=torch.int8)
     rows = protos[torch.randint(0, 8, (256,))]
-    qt = QuantizedTensor("blocks.0.attn.c_q.weight", "matrix", "int6", 6, rows, torch.rand(256).half(), torch.float32)
+    qt = QuantizedTensor(
+        "blocks.0.attn.c_q.weight", "matrix", "int6", 6, rows, torch.rand(256).half(), torch.float32
+    )
     noise = torch.randint(-3, 4, (64, 64), dtype=torch.int8)
-    qk = QuantizedTensor("blocks.0.attn.c_k.weight", "matrix", "int6", 6, noise, torch.rand(64).half(), torch.float32)
+    qk = QuantizedTensor(
+        "blocks.0.attn.c_k.weight", "matrix", "int6", 6, noise, torch.rand(64).half(), torch.float32
+    )
     qts = {qt.name: qt, qk.name: qk}
     blob, sizes, report = encode_pergroup(qts, reorder=("attn.c_q", "attn.c_k"))
     assert report["attn.c_q"]["reordered"] and "perms" in sizes
