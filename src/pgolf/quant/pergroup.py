@@ -52,7 +52,7 @@ def from_colmajor(buf: bytes, shape: Sequence[int], order: np.ndarray | None = N
         out = np.empty_like(arr)
         out[order] = arr  # stored row i is original row order[i]
         arr = out
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    return torch.from_numpy(np.array(arr, order="C"))  # a copy: the buffer view is read-only
 
 
 @dataclass
