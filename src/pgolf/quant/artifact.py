@@ -70,6 +70,7 @@ from pgolf.quant.pergroup import (
 )
 from pgolf.quant.reorder import decode_orders, encode_orders
 from pgolf.quant.scheme import CLASSES, QuantizedTensor
+from pgolf.quant.tensorbytes import DTYPES, byte_shuffle, byte_unshuffle, dtype_name, from_bytes, to_bytes
 
 MAGIC = b"PGOLFQ01"
 FORMAT_VERSION = 1
@@ -77,26 +78,10 @@ FORMAT_PERGROUP = 2  # the per-group container; version 1 files stay byte-identi
 COMPRESSORS = {"brotli": 1, "lzma": 2, "zstd": 3, "zlib": 4, "pergroup": 5}
 SHUFFLES = {"none": 0, "bshf2": 1, "planes": 2}
 _FIXED = struct.Struct("<8sHBBI32sH")  # magic, version, compressor, shuffle, crc32, sha256, frames
-_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "bool": torch.bool,
-}
 
 
 class ArtifactError(ValueError):
     """The artifact file is malformed, corrupted, truncated or from a newer pgolf; the message says which."""
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def compress(data: bytes, compressor: str) -> bytes:
@@ -129,44 +114,6 @@ def decompress(data: bytes, compressor: str) -> bytes:
     return zlib.decompress(data)
 
 
-def byte_shuffle(data: bytes, stride: int = 2) -> bytes:
-    """All bytes at offsets ≡ 0 (mod stride), then ≡ 1, ... (the records' BSHF transform without its tag)."""
-    return b"".join(data[i::stride] for i in range(stride))
-
-
-def byte_unshuffle(data: bytes, stride: int = 2) -> bytes:
-    out = bytearray(len(data))
-    pos = 0
-    for i in range(stride):
-        count = len(range(i, len(data), stride))
-        out[i::stride] = data[pos : pos + count]
-        pos += count
-    return bytes(out)
-
-
-def _to_bytes(t: torch.Tensor, layout: str) -> bytes:
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        arr = t.view(torch.int16).numpy()
-    else:
-        arr = t.numpy()
-    raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
-    return byte_shuffle(raw, arr.itemsize) if layout == "planes" else raw
-
-
-def _from_bytes(buf: bytes, storage: str, shape: list[int], layout: str) -> torch.Tensor:
-    dtype = _DTYPES[storage]
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if layout == "planes":
-        buf = byte_unshuffle(buf, itemsize)
-    if dtype == torch.bfloat16:
-        arr = np.frombuffer(buf, dtype="<i2").copy()
-        return torch.from_numpy(arr).view(torch.bfloat16).reshape(shape)
-    np_dtype = np.dtype(torch.empty((), dtype=dtype).numpy().dtype).newbyteorder("<")
-    arr = np.frombuffer(buf, dtype=np_dtype).astype(np_dtype.newbyteorder("="))
-    return torch.from_numpy(arr.copy()).reshape(shape)
-
-
 def encode_artifact(
     qtensors: Mapping[str, QuantizedTensor],
     compressor: str = "brotli",
@@ -194,16 +141,16 @@ def encode_artifact(
         # values of the class first, then its scales: like data sits next to like data for the coder
         for qt in members:
             layout = fp16_layout if qt.data.dtype == torch.float16 else "plain"
-            raw = _to_bytes(qt.data, layout)
+            raw = to_bytes(qt.data, layout)
             entries.append(
                 {
                     "name": qt.name,
                     "class": qt.cls,
                     "scheme": qt.scheme,
                     "bits": qt.bits,
-                    "dtype": _dtype_name(qt.dtype),
+                    "dtype": dtype_name(qt.dtype),
                     "shape": list(qt.data.shape),
-                    "storage": _dtype_name(qt.data.dtype),
+                    "storage": dtype_name(qt.data.dtype),
                     "layout": layout,
                     "offset": offset + len(section),
                     "nbytes": len(raw),
@@ -213,7 +160,7 @@ def encode_artifact(
         for qt, entry in zip(members, entries[-len(members) :]):
             if qt.scale is None:
                 continue
-            raw = _to_bytes(qt.scale.to(torch.float16), fp16_layout)
+            raw = to_bytes(qt.scale.to(torch.float16), fp16_layout)
             entry["scale"] = {
                 "dtype": "float16",
                 "per": "row",
@@ -284,18 +231,18 @@ def encode_pergroup(
             "class": qt.cls,
             "scheme": qt.scheme,
             "bits": qt.bits,
-            "dtype": _dtype_name(qt.dtype),
+            "dtype": dtype_name(qt.dtype),
             "shape": list(qt.data.shape),
-            "storage": _dtype_name(qt.data.dtype),
+            "storage": dtype_name(qt.data.dtype),
             "layout": "colmajor" if group != REMAINDER else layout,
             "group": group,
         }
         if group == REMAINDER:
-            remainder += _to_bytes(qt.data, layout)
+            remainder += to_bytes(qt.data, layout)
         else:
             entry["perm"] = int(qt.name in orders)
         if qt.scale is not None:
-            scales += _to_bytes(qt.scale.to(torch.float16), fp16_layout)
+            scales += to_bytes(qt.scale.to(torch.float16), fp16_layout)
         entries.append(entry)
     streams = [(c.name, c.raw, c.codec, c.blob) for c in codings]
     for name, raw in ((REMAINDER, bytes(remainder + scales)), (PERMS, encode_orders(list(orders.values())))):
@@ -369,25 +316,25 @@ def _decode_pergroup(
     order_of = {e["name"]: o for e, o in zip(permuted, orders)}
     out = {}
     for e in header["tensors"]:
-        if e["storage"] not in _DTYPES or e["dtype"] not in _DTYPES:
+        if e["storage"] not in DTYPES or e["dtype"] not in DTYPES:
             raise ArtifactError(
                 f"{source}: tensor {e['name']}: unsupported dtype {e['storage']}/{e['dtype']}"
             )
         numel = int(np.prod(e["shape"])) if e["shape"] else 1
-        nbytes = numel * torch.empty((), dtype=_DTYPES[e["storage"]]).element_size()
+        nbytes = numel * torch.empty((), dtype=DTYPES[e["storage"]]).element_size()
         raw = take(e["group"], nbytes, e["name"])
         if e["group"] == REMAINDER:
-            data = _from_bytes(raw, e["storage"], e["shape"], e["layout"])
+            data = from_bytes(raw, e["storage"], e["shape"], e["layout"])
         else:
             data = from_colmajor(raw, e["shape"], order_of.get(e["name"]))
         out[e["name"]] = QuantizedTensor(
-            e["name"], e["class"], e["scheme"], int(e["bits"]), data, None, _DTYPES[e["dtype"]]
+            e["name"], e["class"], e["scheme"], int(e["bits"]), data, None, DTYPES[e["dtype"]]
         )
     for e in header["tensors"]:
         if e["scheme"].startswith("int"):
             rows = e["shape"][0]
             raw = take(REMAINDER, 2 * rows, e["name"] + " scale")
-            out[e["name"]].scale = _from_bytes(raw, "float16", [rows], "planes")
+            out[e["name"]].scale = from_bytes(raw, "float16", [rows], "planes")
     if any(cursor[g] != len(streams[g]) for g in streams if g != PERMS):
         raise ArtifactError(f"{source}: unexpected bytes at the end of a group stream")
     return out, header
@@ -488,24 +435,24 @@ def _tensors_from(header: Mapping[str, Any], payload: bytes, source: str) -> dic
     out = {}
     for e in header["tensors"]:
         name = e["name"]
-        if e["storage"] not in _DTYPES or e["dtype"] not in _DTYPES:
+        if e["storage"] not in DTYPES or e["dtype"] not in DTYPES:
             raise ArtifactError(f"{source}: tensor {name}: unsupported dtype {e['storage']}/{e['dtype']}")
         numel = int(np.prod(e["shape"])) if e["shape"] else 1
-        itemsize = torch.empty((), dtype=_DTYPES[e["storage"]]).element_size()
+        itemsize = torch.empty((), dtype=DTYPES[e["storage"]]).element_size()
         if numel * itemsize != int(e["nbytes"]):
             raise ArtifactError(
                 f"{source}: tensor {name}: shape {e['shape']} needs {numel * itemsize} bytes, table says {e['nbytes']}"
             )
-        data = _from_bytes(_slice(payload, e, name, source), e["storage"], e["shape"], e["layout"])
+        data = from_bytes(_slice(payload, e, name, source), e["storage"], e["shape"], e["layout"])
         scale = None
         if "scale" in e:
             sc = e["scale"]
             rows = e["shape"][0]
             if int(sc["nbytes"]) != 2 * rows:
                 raise ArtifactError(f"{source}: tensor {name}: {sc['nbytes']} scale bytes for {rows} rows")
-            scale = _from_bytes(_slice(payload, sc, name + " scale", source), "float16", [rows], sc["layout"])
+            scale = from_bytes(_slice(payload, sc, name + " scale", source), "float16", [rows], sc["layout"])
         out[name] = QuantizedTensor(
-            name, e["class"], e["scheme"], int(e["bits"]), data, scale, _DTYPES[e["dtype"]]
+            name, e["class"], e["scheme"], int(e["bits"]), data, scale, DTYPES[e["dtype"]]
         )
     return out
 
