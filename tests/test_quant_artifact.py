@@ -256,3 +256,22 @@ def test_pergroup_round_trips_random_code_tensors(rows, cols, bits, seed):
     back, _ = decode_artifact(blob)
     for name, qt in qts.items():
         assert torch.equal(back[name].data, qt.data) and torch.equal(back[name].scale, qt.scale)
+
+
+def test_the_bundle_carries_the_per_group_reader():
+    """The single-file train_gpt.py is the import closure of the entry point: it must hold every module the
+    per-group reader needs (the codec libraries themselves are imported, not bundled)."""
+    from pgolf.singlefile import collect_modules
+
+    modules = collect_modules()
+    for name in ("codecs", "pergroup", "reorder", "tensorbytes", "fit"):
+        assert f"pgolf.quant.{name}" in modules, name
+
+
+def test_reorder_groups_must_name_a_code_group():
+    from pgolf.quant.pergroup import check_reorder_groups
+
+    state = heavy_state()
+    check_reorder_groups(state, role, ["embed", "attn.c_q", "mlp.fc"])
+    with pytest.raises(ValueError, match=r"quant.reorder_groups: \['mlp.up'\] name no code group"):
+        check_reorder_groups(state, role, ["embed", "mlp.up"])

@@ -19,7 +19,7 @@ import torch
 
 from pgolf.quant.codecs import encode_best, entropy_bound_bytes
 from pgolf.quant.reorder import encode_orders, similarity_order
-from pgolf.quant.scheme import QuantizedTensor
+from pgolf.quant.scheme import QuantizedTensor, RoleFn
 
 REMAINDER = "remainder"
 PERMS = "perms"
@@ -35,6 +35,22 @@ def group_of(qt: QuantizedTensor) -> str:
         return EMBED
     m = _LAYER.match(qt.name)
     return (m.group(1) if m else qt.name).removesuffix(".weight")
+
+
+def check_reorder_groups(state: dict[str, torch.Tensor], role_fn: RoleFn, reorder: Sequence[str]) -> None:
+    """Refuse quant.reorder_groups naming no code group of this model (before any long work)."""
+    names = set()
+    for name, t in state.items():
+        cls = role_fn(name, t)
+        if t.dim() == 2 and t.is_floating_point() and cls != "control":
+            m = _LAYER.match(name)
+            names.add(EMBED if cls == "embed" else (m.group(1) if m else name).removesuffix(".weight"))
+    unknown = [g for g in reorder if g not in names]
+    if unknown:
+        raise ValueError(
+            f"quant.reorder_groups: {unknown} name no code group of this model; expected some of "
+            f"{', '.join(sorted(names))}"
+        )
 
 
 def colmajor_bytes(q: torch.Tensor, order: np.ndarray | None = None) -> bytes:

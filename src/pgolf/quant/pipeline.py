@@ -23,6 +23,7 @@ from pgolf.quant.budget import code_bytes as bundle_code_bytes
 from pgolf.quant.codecs import check_codec_names
 from pgolf.quant.fit import FitError, fit_to_cap
 from pgolf.quant.hessian import collect_run_hessians
+from pgolf.quant.pergroup import check_reorder_groups
 from pgolf.quant.scheme import QuantizedTensor, dequantize_state_dict, quantize_state_dict
 
 ARTIFACT_NAME = "model.ptz"
@@ -104,6 +105,8 @@ def quantize_run(
         check_codec_names(cfg.quant.codecs)
     dist = init_distributed(cfg.train.device)
     model = load_trained_model(run_dir, cfg, dist.device)
+    if cfg.quant.compressor == "pergroup":
+        check_reorder_groups(model.state_dict(), param_role, cfg.quant.reorder_groups)
 
     from pgolf.train.loop import looping_after_training  # the looping state eval will use too
 
