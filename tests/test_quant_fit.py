@@ -125,3 +125,14 @@ def test_impossible_fit_raises_fit_error():
         fit_to_cap(
             state, hessians, qts, qcfg, 50, lambda q: encode_configured(q, qcfg), role, log=lambda _: None
         )
+
+
+def test_fit_holds_the_cap_with_a_version_1_container_too():
+    """With brotli frames per class the search's ANS estimate is only a guide; the real size decides."""
+    state, hessians = synthetic(3)
+    qcfg = QuantConfig(method="rtn", compressor="brotli", shuffle="bshf2")
+    qts = quantize_state_dict(state, hessians, qcfg, role)
+    encode = lambda q: encode_configured(q, qcfg)
+    budget = len(encode(qts)[0]) - 400
+    _, encoded, summary = fit_to_cap(state, hessians, qts, qcfg, budget, encode, role, log=lambda _: None)
+    assert len(encoded[0]) <= budget and summary["changes"][-1]["artifact_bytes"] == len(encoded[0])
