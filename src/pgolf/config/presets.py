@@ -86,6 +86,7 @@ def pr1855() -> RunConfig:
     # (SPEC-1855 §7.3); 8 s keeps calibration inside the 600 s, as the #1851 compliance rerun did.
     t.quant_reserve_seconds = 8.0
     q.embed_bits, q.embed_clip_sigmas, q.calibration_batches = 7, 14.0, 16
+    q.compressor = "pergroup"  # SPEC-1855 §5 with library codecs (no lrzip binary)
     cfg.eval.plan = ["prequant", "quant"]  # #1855 runs no sliding eval; its phased LoRA TTT is not in pgolf yet
     return cfg
 

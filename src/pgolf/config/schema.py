@@ -121,6 +121,16 @@ class QuantConfig:
     shuffle: str = "bshf2"  # byte shuffle before compression: bshf2 (records) | planes (fp16 arrays) | none
     cap_bytes: int = 16_000_000  # code + artifact must fit (decimal bytes)
     packed_code: bool = True  # count (and bundle) train_gpt.py in the lzma+base85 self-extracting form
+    # compressor=pergroup (SPEC-1855 §5): the codecs tried per group (pgolf.quant.codecs) and the code
+    # groups whose rows are similarity-sorted when that pays for the permutation
+    codecs: list[str] = field(
+        default_factory=lambda: [
+            "raw", "brotli", "lzma", "lzma_raw", "zstd", "ppmd2", "ppmd4", "ppmd8", "ppmd16", "ans"
+        ]
+    )
+    reorder_groups: list[str] = field(default_factory=lambda: ["embed", "attn.c_q", "mlp.fc"])
+    fit_to_cap: bool = False  # over the cap: coarsen the cheapest code groups until it fits (quant/fit.py)
+    cap_counts_code: bool = True  # False: the cap bounds model.ptz alone (cpu-golf v2, SPEC §11.0)
 
 
 @dataclass
@@ -173,7 +183,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.autocast": ("auto", "bf16", "off"),
     "train.device": ("auto", "cpu", "cuda"),
     "quant.passthrough": ("role", "size"),
-    "quant.compressor": ("brotli", "lzma", "zstd", "zlib"),
+    "quant.compressor": ("brotli", "lzma", "zstd", "zlib", "pergroup"),
     "quant.shuffle": ("none", "bshf2", "planes"),
     "quant.method": ("gptq", "rtn"),
 }

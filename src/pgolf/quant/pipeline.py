@@ -18,10 +18,13 @@ from pgolf import rundir
 from pgolf.config import RunConfig, load_run_config, to_toml, validate
 from pgolf.config.overrides import apply_sets
 from pgolf.fileio import atomic_write_bytes, atomic_write_json
-from pgolf.quant.artifact import ArtifactError, encode_artifact, read_artifact
+from pgolf.quant.artifact import ArtifactError, encode_configured, read_artifact
 from pgolf.quant.budget import SizeReport
 from pgolf.quant.budget import code_bytes as bundle_code_bytes
+from pgolf.quant.codecs import check_codec_names
+from pgolf.quant.fit import FitError, fit_to_cap
 from pgolf.quant.hessian import collect_run_hessians
+from pgolf.quant.pergroup import check_reorder_groups
 from pgolf.quant.scheme import QuantizedTensor, dequantize_state_dict, quantize_state_dict
 
 ARTIFACT_NAME = rundir.ARTIFACT
@@ -53,21 +56,29 @@ def load_trained_model(
 
 
 def class_table(
-    qtensors: dict[str, QuantizedTensor], frame_bytes: dict[str, int]
+    qtensors: dict[str, QuantizedTensor],
+    frame_bytes: dict[str, int],
+    groups: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """{class: {params, bits, bytes, bits_per_weight}}: bytes = the class's compressed frame."""
+    """{class: {params, bits, bytes, bits_per_weight}}: bytes = the class's compressed frame. A per-group
+    artifact (`groups`: encode_pergroup's report) has a row per group instead, with its coding report."""
+    from pgolf.quant.pergroup import group_of
+
     table = {}
     for cls, nbytes in frame_bytes.items():
         if cls == "header":
             continue
-        members = [qt for qt in qtensors.values() if qt.cls == cls]
+        key = group_of if groups is not None else (lambda qt: qt.cls)
+        members = [qt for qt in qtensors.values() if key(qt) == cls]
         params = sum(qt.data.numel() for qt in members)
         table[cls] = {
             "params": params,
-            "bits": max(qt.bits for qt in members),
+            "bits": max((qt.bits for qt in members), default=0),
             "bytes": nbytes,
             "bits_per_weight": round(8.0 * nbytes / max(params, 1), 4),
         }
+        if groups is not None:
+            table[cls].update(groups[cls])
     return table
 
 
@@ -89,8 +100,12 @@ def quantize_run(
     if sets:
         apply_sets(cfg, sets)
         validate(cfg)
+    if cfg.quant.compressor == "pergroup":
+        check_codec_names(cfg.quant.codecs)
     dist = init_distributed(cfg.train.device)
     model = load_trained_model(run_dir, cfg, dist.device)
+    if cfg.quant.compressor == "pergroup":
+        check_reorder_groups(model.state_dict(), param_role, cfg.quant.reorder_groups)
 
     looping = rundir.looping_after_training(run_dir, cfg)  # the looping state eval will use too
     hessians, hessian_seconds = collect_run_hessians(model, cfg, dist, looping)
@@ -105,11 +120,25 @@ def quantize_run(
         "matrix_bits": q.matrix_bits,
         "embed_bits": q.embed_bits,
     }
-    t0 = time.perf_counter()
-    blob, frame_bytes = encode_artifact(qtensors, q.compressor, q.shuffle, meta)
-    compress_seconds = time.perf_counter() - t0
     code = bundle_code_bytes(cfg) if code_bytes is None else code_bytes
-    size = SizeReport(len(blob), code, q.cap_bytes)
+    t0 = time.perf_counter()
+    encoded = encode_configured(qtensors, q, meta)
+    fit = None
+    budget = q.cap_bytes - (code if q.cap_counts_code else 0)
+    if q.fit_to_cap and len(encoded[0]) > budget:  # FitError (before eval) when it cannot fit
+        log = print if verbose and dist.is_main else (lambda _: None)
+        encode = lambda qts: encode_configured(qts, q, meta)
+        try:
+            qtensors, encoded, fit = fit_to_cap(
+                model.state_dict(), hessians, qtensors, q, budget, encode, param_role, dist.device, log
+            )
+        except FitError:
+            if dist.is_main:
+                (run_dir / ARTIFACT_NAME).unlink(missing_ok=True)  # never leave a stale artifact
+            raise
+    blob, frame_bytes, groups = encoded
+    compress_seconds = time.perf_counter() - t0
+    size = SizeReport(len(blob), code if q.cap_counts_code else 0, q.cap_bytes)
     report: dict[str, Any] = {
         "artifact_bytes": size.artifact_bytes,
         "code_bytes": size.code_bytes,
@@ -119,7 +148,7 @@ def quantize_run(
         "compressor": q.compressor,
         "shuffle": q.shuffle,
         "method": q.method,
-        "classes": class_table(qtensors, frame_bytes),
+        "classes": class_table(qtensors, frame_bytes, groups),
         "header_bytes": frame_bytes["header"],
         "hessians": len(hessians),
         "hessian_seconds": round(hessian_seconds, 3),
@@ -127,6 +156,10 @@ def quantize_run(
         "compress_seconds": round(compress_seconds, 3),
         "artifact": ARTIFACT_NAME if size.fits else OVER_CAP_NAME,
     }
+    if not q.cap_counts_code:
+        report.update(code_bytes=code, total_bytes=size.artifact_bytes + code, cap_counts_code=False)
+    if fit is not None:
+        report["fit"] = fit
     if not dist.is_main:
         return report
 
