@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from oracles import plain_sliding_nll
 from test_eval_common import stream_totals, tiny_eval_cfg, tiny_model, tiny_stream, tiny_tables  # noqa: F401
 
-from pgolf.eval.score import EvalTrace, eval_nonoverlap, eval_sliding, plain_sliding_nll, sliding_windows
+from pgolf.eval.score import EvalTrace, eval_nonoverlap, eval_sliding, sliding_windows
 from pgolf.eval.ttt import chunk_lr, eval_ttt, plan_chunks
 
 DEV = torch.device("cpu")

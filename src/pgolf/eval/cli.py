@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 
 from pgolf.config.cli import add_set_argument
+from pgolf.eval.modes import EVAL_MODES
 
-MODE_FLAGS = ("prequant", "quant", "sliding", "ttt", "ngram")
+MODE_FLAGS = EVAL_MODES
 
 
 def _add_sets(parser: argparse.ArgumentParser) -> None:
-    add_set_argument(parser, "override a field of the run's config.toml, e.g. --set eval.stride=256 (repeatable)")
+    add_set_argument(
+        parser, "override a field of the run's config.toml, e.g. --set eval.stride=256 (repeatable)"
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:

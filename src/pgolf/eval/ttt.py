@@ -21,15 +21,7 @@ import torch
 
 from pgolf.config.schema import EvalConfig
 from pgolf.data.bytes import BpbResult, ByteTables
-from pgolf.eval.score import (
-    Budget,
-    EvalTrace,
-    NllTransform,
-    Scorer,
-    rank_slice,
-    sliding_windows,
-    window_batch,
-)
+from pgolf.eval.score import EvalTrace, ScoreOptions, Scorer, rank_slice, sliding_windows, window_batch
 from pgolf.runtime import all_reduce_, autocast, dist_info
 
 
@@ -161,44 +153,30 @@ def eval_ttt(
     tokens: torch.Tensor,
     tables: ByteTables,
     cfg: EvalConfig,
-    *,
-    device: torch.device | None = None,
-    autocast_mode: str = "auto",
-    nll_transform: NllTransform | None = None,
-    trace: EvalTrace | None = None,
-    budget: Budget | None = None,
-    compile: bool = False,
+    opts: ScoreOptions | None = None,
+    **options,
 ) -> tuple[BpbResult, BpbResult | None]:
     """Score-first TTT over sliding windows (SPEC §5.3). Returns (plain, tilted); tilted is None without
-    nll_transform. `model` is left untouched (a deep copy is adapted)."""
-    device = device or next(model.parameters()).device
+    opts.nll_transform. `model` is left untouched (a deep copy is adapted). Keyword `options` are
+    ScoreOptions fields that override `opts`."""
+    opts = (opts or ScoreOptions()).merged(**options)
+    device = opts.device or next(model.parameters()).device
     windows = sliding_windows(tokens.numel() - 1, cfg.seq_len, cfg.stride)
     chunks = plan_chunks(windows, cfg.ttt_chunk_tokens)
     state = TTTState(model, cfg, len(chunks))
-    scorer = Scorer(
-        state.model,
-        tables,
-        cfg.seq_len,
-        cfg.batch_seqs,
-        device,
-        autocast_mode,
-        nll_transform,
-        trace,
-        budget,
-        compile,
-    )
+    scorer = Scorer(state.model, tables, cfg.seq_len, cfg.batch_seqs, opts)
     for chunk in chunks:
         score_chunk(scorer, tokens, chunk)
         if chunk.index < len(chunks) - 1:
-            if budget is not None:
-                budget.check()
+            if opts.budget is not None:
+                opts.budget.check()
             train_chunk(
                 state,
                 tokens,
                 chunk,
                 seq_len=cfg.seq_len,
                 device=device,
-                autocast_mode=autocast_mode,
-                trace=trace,
+                autocast_mode=opts.autocast_mode,
+                trace=opts.trace,
             )
     return scorer.results()
