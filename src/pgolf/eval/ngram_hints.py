@@ -67,13 +67,13 @@ class HintParams:
     min_counts: tuple[int, ...]  # per order
     base_beta: float
     table_bits: int
-    experts: bool = False  # the within-word and word experts
-    within_threshold: float = 0.25
-    within_beta: float = 0.0
-    word_threshold: float = 0.8
-    word_beta: float = 0.0
-    agree_bonus: float = 0.1
-    expert_table_bits: int = 20
+    experts: bool  # the within-word and word experts
+    within_threshold: float
+    within_beta: float
+    word_threshold: float
+    word_beta: float
+    agree_bonus: float
+    expert_table_bits: int
 
     @classmethod
     def from_config(cls, cfg: EvalConfig) -> HintParams:
@@ -220,9 +220,11 @@ def _accepts(ctx, o, s, threshold, min_count):
 
 
 @numba.njit(cache=_CACHE, nogil=True, inline="always")
-def _insert(ctx, pairs, o, s, key, pkey, tok_id, mask):
-    """The update rule with the true token under context slot s: pair count++, context count++; the best
-    token's count grows, or the token becomes best once its pair count exceeds the best count."""
+def _insert(ctx, pairs, o, s, key, tok_id, prime, mask):
+    """The update rule with the true token under context slot s (pair key (key·PAIR_MULT) XOR (tok·prime)):
+    pair count++, context count++; the best token's count grows, or the token becomes best once its pair
+    count exceeds the best count."""
+    pkey = (key * np.uint64(PAIR_MULT)) ^ (np.uint64(tok_id) * prime)
     new_ctx = ctx[o, s, COUNT] == 0
     if new_ctx:
         ctx[o, s, KEY_LO] = np.uint32(key & np.uint64(0xFFFFFFFF))
@@ -396,52 +398,20 @@ def _hints_kernel(
                     hints[p], betas[p] = cand_h[i], beta
         # only now does token p enter the tables
         tok_id = tokens[p]
-        tok = np.uint64(tok_id)
         for o in range(usable):
-            s = ctx_slots[o]
-            if s >= 0:
-                key = ctx_keys[o]
-                _insert(
-                    ctx,
-                    pairs,
-                    o,
-                    s,
-                    key,
-                    (key * np.uint64(PAIR_MULT)) ^ (tok * primes[orders[o]]),
-                    tok_id,
-                    mask,
-                )
+            if ctx_slots[o] >= 0:
+                _insert(ctx, pairs, o, ctx_slots[o], ctx_keys[o], tok_id, primes[orders[o]], mask)
         if experts:
             wt = np.int64(wkeys[r, 1]) - 1
             if not boundary[tok_id] and not lead[tok_id] and wt >= 0:
-                key = wkeys[r, 0]
-                s = _find_slot(wctx, wt, key, emask)
+                s = _find_slot(wctx, wt, wkeys[r, 0], emask)
                 if s >= 0:
-                    _insert(
-                        wctx,
-                        wpairs,
-                        wt,
-                        s,
-                        key,
-                        (key * np.uint64(PAIR_MULT)) ^ (tok * primes[0]),
-                        tok_id,
-                        emask,
-                    )
-            r1 = (p + 1) % ring
+                    _insert(wctx, wpairs, wt, s, wkeys[r, 0], tok_id, primes[0], emask)
+            r1 = (p + 1) % ring  # the word context once this token has completed the previous word
             if lead[tok_id] and p + 1 < n and dkeys[r1, 1] > 0:
-                key = dkeys[r1, 0]  # the context once this token has completed the previous word
-                s = _find_slot(dctx, 0, key, emask)
+                s = _find_slot(dctx, 0, dkeys[r1, 0], emask)
                 if s >= 0:
-                    _insert(
-                        dctx,
-                        dpairs,
-                        0,
-                        s,
-                        key,
-                        (key * np.uint64(PAIR_MULT)) ^ (tok * primes[4]),
-                        tok_id,
-                        emask,
-                    )
+                    _insert(dctx, dpairs, 0, s, dkeys[r1, 0], tok_id, primes[4], emask)
 
 
 def token_flags(tables) -> tuple[np.ndarray, np.ndarray]:
@@ -476,13 +446,8 @@ def compute_hints(
         eslots = 1
     # numpy's zeros come from calloc: pages are zeroed lazily by the OS, only where the pass writes
     slots, n_orders = 1 << params.table_bits, len(params.orders)
-    knobs = (
-        float(params.within_threshold),
-        float(params.within_beta),
-        float(params.word_threshold),
-        float(params.word_beta),
-        float(params.agree_bonus),
-    )
+    p = params
+    knobs = (p.within_threshold, p.within_beta, p.word_threshold, p.word_beta, p.agree_bonus)
     _hints_kernel(
         toks,
         boundary,
@@ -495,7 +460,7 @@ def compute_hints(
         np.zeros((n_orders, slots, 3), np.uint32),
         np.asarray(PRIMES, np.uint64),
         bool(params.experts),
-        knobs,
+        tuple(float(k) for k in knobs),
         np.zeros((WITHIN_TABLES, eslots, 5), np.uint32),
         np.zeros((WITHIN_TABLES, eslots, 3), np.uint32),
         np.zeros((1, eslots, 5), np.uint32),
