@@ -4,6 +4,7 @@ hints, and the exact normalisation of the tilt."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -185,15 +186,23 @@ def test_tilted_nll_equals_reference_on_real_val_tokens(val_tokens):
     assert torch.equal(out[~has], nll[~has].double())
 
 
-def test_hints_use_only_the_strict_prefix():
-    prm = params(ngram_min_order=2, ngram_max_order=4, ngram_order_stride=1)
+@pytest.mark.parametrize("experts", [False, True])
+def test_hints_use_only_the_strict_prefix(experts):
+    """Perturbing tokens >= t leaves the hints <= t unchanged; with the experts too, whose gates read the
+    flags of token p-1 (#1420 read those of the target and leaked it)."""
+    prm = params(ngram_min_order=2, ngram_max_order=4, ngram_order_stride=1, ngram_experts=experts)
+    prm = replace(prm, within_beta=0.9, word_beta=0.5, word_threshold=0.3)  # let the experts win hints
     rng = np.random.default_rng(0)
+    flags = (np.arange(20) == 0).astype(np.uint8), (np.arange(20) % 3 == 1).astype(np.uint8)
     toks = np.tile(rng.integers(0, 20, size=40), 25)
-    hints, betas = compute_hints(toks, prm)
+    hints, betas = compute_hints(toks, prm, flags)
+    if experts:  # the experts do produce winning hints here
+        tok_only, _ = compute_hints(toks, replace(prm, experts=False))
+        assert ((hints >= 0) & (tok_only < 0)).sum() > 10
     for t in (300, 512, 777):
         pert = toks.copy()
         pert[t:] = (pert[t:] + 1 + rng.integers(0, 19, size=pert.size - t)) % 20
-        h2, b2 = compute_hints(pert, prm)
+        h2, b2 = compute_hints(pert, prm, flags)
         assert np.array_equal(h2[: t + 1], hints[: t + 1]) and np.array_equal(b2[: t + 1], betas[: t + 1])
     assert (hints >= 0).mean() > 0.5  # the periodic stream is mostly hinted, and correctly
     assert (hints[hints >= 0] == toks[hints >= 0]).mean() > 0.9

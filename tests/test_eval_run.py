@@ -31,6 +31,7 @@ def make_run(tmp_path, shards, plan) -> tuple:
     e.plan, e.seq_len, e.stride, e.batch_seqs = plan, 128, 32, 8
     e.ttt_chunk_tokens, e.ttt_epochs, e.ttt_lr = 512, 1, 0.01
     e.ngram_min_order, e.ngram_max_order, e.ngram_order_stride, e.ngram_table_bits = 2, 4, 1, 14
+    e.ngram_experts, e.ngram_expert_table_bits = True, 12  # as pr1557
     cfg.train.autocast = "off"
     run = tmp_path / "run"
     run.mkdir()
