@@ -63,15 +63,15 @@ def imported_modules(name: str, node: ast.AST, is_package: bool) -> set[str]:
             found.add(mod)
             # `from pgolf.data import bytes` imports a submodule, not an attribute
             found.update(f"{mod}.{a.name}" for a in sub.names)
-        elif (
-            isinstance(sub, ast.Constant)
-            and isinstance(sub.value, str)
-            and sub.value.startswith(PACKAGE + ".")
-            and ":" in sub.value
-        ):
-            # "pgolf.x:function", an entry point the eval-mode registry (pgolf.eval.modes) imports by name
+        elif entry_point_name(sub):  # "pgolf.x:function": the eval-mode registry imports it by name
             found.add(sub.value.partition(":")[0])
     return {m for m in found if m == PACKAGE or m.startswith(PACKAGE + ".")}
+
+
+def entry_point_name(node: ast.AST) -> str:
+    """The function of a "pgolf.x:function" string constant (pgolf.eval.modes), else ""."""
+    value = node.value if isinstance(node, ast.Constant) else None
+    return value.partition(":")[2] if isinstance(value, str) and value.startswith(PACKAGE + ".") else ""
 
 
 def from_module(node: ast.ImportFrom, base: str) -> str:
@@ -87,21 +87,14 @@ def from_module(node: ast.ImportFrom, base: str) -> str:
 
 
 def _is_docstring(stmt: ast.stmt) -> bool:
-    return (
-        isinstance(stmt, ast.Expr)
-        and isinstance(stmt.value, ast.Constant)
-        and isinstance(stmt.value.value, str)
-    )
+    return isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str)
 
 
 def _main_or_type_checking(stmt: ast.stmt) -> bool:
     if not isinstance(stmt, ast.If):
         return False
     test = ast.unparse(stmt.test)
-    return (
-        test in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
-        or test.replace("'", '"') == '__name__ == "__main__"'
-    )
+    return test in ("TYPE_CHECKING", "typing.TYPE_CHECKING") or test.replace("'", '"') == '__name__ == "__main__"'
 
 
 class _Strip(ast.NodeTransformer):
@@ -215,9 +208,8 @@ class _Refs(ast.NodeVisitor):
         self.names.update(a.name for a in node.names)
 
     def visit_Constant(self, node: ast.Constant) -> None:
-        # "pgolf.x:function": the eval-mode registry's entry points, imported by name
-        if isinstance(node.value, str) and node.value.startswith(PACKAGE + ".") and ":" in node.value:
-            self.names.add(node.value.partition(":")[2])
+        if entry_point_name(node):
+            self.names.add(entry_point_name(node))
 
     def _scope(self, node: ast.AST, args: ast.arguments, body: list[ast.AST]) -> None:
         for sub in [*getattr(node, "decorator_list", []), *args.defaults, *args.kw_defaults]:
@@ -228,9 +220,7 @@ class _Refs(ast.NodeVisitor):
                 self.visit(arg.annotation)
         if getattr(node, "returns", None) is not None:
             self.visit(node.returns)  # type: ignore[attr-defined]
-        params = {
-            a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg] if a
-        }
+        params = {a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg] if a}
         bound, _ = _bound_in(body)
         self.scopes.append(params | bound)
         for stmt in body:
@@ -294,9 +284,7 @@ def _definition_names(stmt: ast.stmt) -> set[str] | None:
         return {(a.asname or a.name).split(".")[0] for a in stmt.names}
     if isinstance(stmt, (ast.Assign, ast.AnnAssign)):
         targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
-        names = [
-            n for t in targets for n in ast.walk(t) if not isinstance(n, (ast.Tuple, ast.List, ast.Store))
-        ]
+        names = [n for t in targets for n in ast.walk(t) if not isinstance(n, (ast.Tuple, ast.List, ast.Store))]
         if names and all(isinstance(n, ast.Name) for n in names):
             return {n.id for n in names}  # type: ignore[attr-defined]
         return None
@@ -343,18 +331,14 @@ def _module_aliases(trees: dict[str, tuple[bool, ast.Module]]) -> frozenset[str]
         base = name if is_package else name.rpartition(".")[0]
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                out.update(
-                    (a.asname or a.name).split(".")[0] for a in node.names if a.name.startswith(PACKAGE)
-                )
+                out.update((a.asname or a.name).split(".")[0] for a in node.names if a.name.startswith(PACKAGE))
             elif isinstance(node, ast.ImportFrom):
                 mod = from_module(node, base)
                 out.update(a.asname or a.name for a in node.names if f"{mod}.{a.name}" in trees)
     return frozenset(out)
 
 
-def shake(
-    trees: dict[str, tuple[bool, ast.Module]], entry: str, roots: set[str]
-) -> dict[str, tuple[bool, ast.Module]]:
+def shake(trees: dict[str, tuple[bool, ast.Module]], entry: str, roots: set[str]) -> dict[str, tuple[bool, ast.Module]]:
     """The modules reachable from `entry` with only the top-level statements that the roots' names reach."""
     aliases = _module_aliases(trees)
     units = {name: _units(name, tree, pkg, aliases) for name, (pkg, tree) in trees.items()}
@@ -391,9 +375,7 @@ def shake(
         for i in sorted(names_of):
             stmt, names = tree.body[i], names_of[i]
             if names is not None:
-                stmt = ast.copy_location(
-                    type(stmt)(**{**stmt.__dict__, "names": [stmt.names[j] for j in names]}), stmt
-                )  # type: ignore[attr-defined]
+                stmt = ast.copy_location(type(stmt)(**{**stmt.__dict__, "names": [stmt.names[j] for j in names]}), stmt)  # type: ignore[attr-defined]
             body.append(stmt)
         out[module] = (is_package, ast.Module(body=body, type_ignores=[]))
     return out
