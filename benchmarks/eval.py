@@ -16,7 +16,9 @@ on the weights) and the val split is tokenized from --data with the preset's tok
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +27,14 @@ import torch
 from pgolf.config import load_run_config, preset
 from pgolf.data.build import encode_documents, iter_documents
 from pgolf.data.bytes import build_byte_tables, load_tokenizer
-from pgolf.eval.ngram import HintParams, compute_hints
+from pgolf.eval.ngram_hints import HintParams, compute_hints, token_flags
 from pgolf.eval.run_eval import load_eval_data, load_quant_model
-from pgolf.eval.score import eval_nonoverlap, eval_sliding, plain_sliding_nll
+from pgolf.eval.score import eval_nonoverlap, eval_sliding
 from pgolf.eval.ttt import eval_ttt
 from pgolf.runtime import keep_freed_memory, resolve_precision
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from oracles import plain_sliding_nll  # noqa: E402  (the test oracle, not shipped in src/)
 
 PARTS = ("hints", "nonoverlap", "sliding", "ttt", "unbatched")
 
@@ -104,11 +109,20 @@ def main() -> None:
     summary = ""
 
     if "hints" in parts:
-        prm = HintParams.from_config(e)
-        compute_hints(tokens[:1000].numpy(), prm, quiet=True)  # numba load/compile outside the timing
-        _, sec = timed(lambda: compute_hints(tokens.numpy(), prm))
-        rows.append(
-            (f"n-gram hint precompute (orders {prm.orders}, 2^{prm.table_bits})", tokens.numel(), sec)
+        flags = token_flags(tables)
+        kinds = {False: "token expert", True: "+ within/word experts"}
+        best = {}
+        for _ in range(args.repeats):  # interleaved, best of each
+            for experts in kinds:
+                prm = replace(HintParams.from_config(e), experts=experts)
+                compute_hints(tokens[:1000].numpy(), prm, flags, quiet=True)  # numba load/compile, untimed
+                _, sec = timed(lambda prm=prm: compute_hints(tokens.numpy(), prm, flags, quiet=True))
+                best[experts] = min(best.get(experts, float("inf")), sec)
+        for experts, sec in best.items():
+            name = f"n-gram hints, {kinds[experts]} (2^{prm.table_bits})"
+            rows.append((name, tokens.numel(), sec))
+        summary += (
+            f"hint precompute with the experts / token expert only = {best[True] / best[False]:.2f}x time\n"
         )
 
     model_parts = [p for p in parts if p != "hints"]
@@ -168,7 +182,7 @@ def main() -> None:
             names[(1, "plain")] = f"sliding stride {args.stride}, each window separately, full logits"
             rows.extend((names[key], m, sec) for key, sec in best.items())
             batched, single, plain = (best[k] for k in ((e.batch_seqs, "pgolf"), (1, "pgolf"), (1, "plain")))
-            summary = (
+            summary += (
                 f"sliding eval / plain per-window loop = {plain / batched:.2f}x (target >= 2x); of it, batching"
                 f" {single / batched:.2f}x and the scored-tail forward {plain / single:.2f}x\n"
                 + forward_mfu(model, m, e.seq_len, args.stride, rows[-3:], args.quick, precision)

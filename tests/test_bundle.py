@@ -132,13 +132,13 @@ def test_compact_refuses_a_changed_ast(monkeypatch):
 
 def test_recipe_bundles_carry_only_their_modes():
     closure = set(collect_modules())
-    assert {"pgolf.eval.ngram", "pgolf.eval.ttt", "pgolf.config.presets"} <= closure
+    assert {"pgolf.eval.ngram_tilt", "pgolf.eval.ttt", "pgolf.config.presets"} <= closure
     mods_1394 = bundle_modules(preset("pr1394"), packed=True)
     mods_1557 = bundle_modules(preset("pr1557"), packed=True)
     mods_1541 = bundle_modules(preset("pr1541"), packed=True)
-    assert not {"pgolf.eval.ngram", "pgolf.eval.ttt", "pgolf.config.presets"} & set(mods_1394)
-    assert "pgolf.eval.ttt" in mods_1541 and "pgolf.eval.ngram" not in mods_1541
-    assert {"pgolf.eval.ngram", "pgolf.eval.ttt"} <= set(mods_1557)
+    assert not {"pgolf.eval.ngram_tilt", "pgolf.eval.ttt", "pgolf.config.presets"} & set(mods_1394)
+    assert "pgolf.eval.ttt" in mods_1541 and "pgolf.eval.ngram_tilt" not in mods_1541
+    assert {"pgolf.eval.ngram_tilt", "pgolf.eval.ttt"} <= set(mods_1557)
     for mods in (mods_1394, mods_1541, mods_1557):
         assert not TOOLING & set(mods) and not any(m.endswith(".cli") for m in mods)
     # no n-gram kernel anywhere in pr1394's shipped payload; pr1557's has it

@@ -16,7 +16,9 @@ from test_eval_common import tiny_eval_cfg, tiny_model, tiny_stream, tiny_tables
 pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("one_thread")]
 
 N_TOKENS = 301
-CFG = dict(ttt_lr=0.3, ttt_epochs=2, ttt_chunk_tokens=96, ttt_batch_seqs=1)
+# 3 TTT sequences per chunk, one mini-batch (one step per epoch) in 1 and 2 processes alike; the records'
+# step per mini-batch groups sequences by rank, so smaller mini-batches depend on the world size by design
+CFG = dict(ttt_lr=0.3, ttt_epochs=2, ttt_chunk_tokens=96, ttt_batch_seqs=4)
 
 
 def run_modes() -> dict:
@@ -33,7 +35,11 @@ def run_modes() -> dict:
         model, toks, tables, seq_len=32, stride=8, batch_seqs=17, autocast_mode="off", budget=budget
     )
     ttt, _ = eval_ttt(model, toks, tables, cfg, autocast_mode="off", budget=budget)
-    return {"sliding": slid.to_dict(), "ttt": ttt.to_dict()}
+    # mini-batches of 1: rank shares of 2 and 1 sequences, so rank 1 sits out (zero gradient) the second
+    # step; every rank must still take both steps (a mismatch would hang in the gradient all-reduce)
+    cfg.ttt_batch_seqs = 1
+    small, _ = eval_ttt(model, toks, tables, cfg, autocast_mode="off", budget=budget)
+    return {"sliding": slid.to_dict(), "ttt": ttt.to_dict(), "ttt_b1": small.to_dict()}
 
 
 def worker(rank: int, world: int, port: int, out: str) -> None:
@@ -70,3 +76,5 @@ def test_two_process_gloo_equals_one_process(tmp_path):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-6), mode
         assert math.isclose(a["bpb"], b["bpb"], rel_tol=1e-6), mode
     assert single["ttt"]["loss"] != single["sliding"]["loss"]  # TTT did train
+    assert double["ttt_b1"]["tokens"] == single["ttt"]["tokens"]
+    assert double["ttt_b1"]["loss"] not in (double["ttt"]["loss"], double["sliding"]["loss"])

@@ -9,8 +9,9 @@ from test_eval_common import tiny_eval_cfg, tiny_model, tiny_stream, tiny_tables
 
 from pgolf.config import EvalConfig
 from pgolf.eval.legality import format_table, run_checks
-from pgolf.eval.ngram import HintParams, NgramTilt, compute_hints
-from pgolf.eval.score import EvalTrace, Scorer, eval_nonoverlap, eval_sliding, sliding_windows
+from pgolf.eval.ngram_hints import HintParams, compute_hints
+from pgolf.eval.ngram_tilt import NgramTilt
+from pgolf.eval.score import EvalTrace, ScoreOptions, Scorer, eval_nonoverlap, eval_sliding, sliding_windows
 from pgolf.eval.ttt import TTTState, eval_ttt, plan_chunks, score_chunk, train_chunk
 
 DEV = torch.device("cpu")
@@ -53,7 +54,9 @@ def ttt_runner(tilt_fn=None, order="score-first", rescore=False):
             return
         chunks = plan_chunks(sliding_windows(toks.numel() - 1, CFG.seq_len, CFG.stride), CFG.ttt_chunk_tokens)
         state = TTTState(MODEL, CFG, len(chunks))
-        scorer = Scorer(state.model, TABLES, CFG.seq_len, CFG.batch_seqs, DEV, "off", tilt, trace)
+        scorer = Scorer(
+            state.model, TABLES, CFG.seq_len, CFG.batch_seqs, ScoreOptions(DEV, "off", tilt, trace)
+        )
         for chunk in chunks:
             if order == "train-first":
                 train_chunk(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -30,6 +31,7 @@ def make_run(tmp_path, shards, plan) -> tuple:
     e.plan, e.seq_len, e.stride, e.batch_seqs = plan, 128, 32, 8
     e.ttt_chunk_tokens, e.ttt_epochs, e.ttt_lr = 512, 1, 0.01
     e.ngram_min_order, e.ngram_max_order, e.ngram_order_stride, e.ngram_table_bits = 2, 4, 1, 14
+    e.ngram_experts, e.ngram_expert_table_bits = True, 12  # as pr1557
     cfg.train.autocast = "off"
     run = tmp_path / "run"
     run.mkdir()
@@ -76,6 +78,53 @@ def test_evaluate_run_all_modes(tmp_path, sp1024_shards, artifact_is_model_pt):
         assert set(r) == {"mode", "loss", "bpb", "tokens", "bytes", "seconds"}
     assert by["prequant"]["bpb"] == by["quant"]["bpb"]  # same weights here
     assert by["ttt"]["bpb"] != by["sliding"]["bpb"] and by["ngram"]["bpb"] != by["ttt"]["bpb"]
+
+
+HALF_CALLS: list[int] = []
+
+
+def half_stride_mode(model, tokens, tables, cfg, opts):
+    """A mode written for the registry test: sliding eval at half the configured stride."""
+    from pgolf.eval.score import eval_sliding
+
+    HALF_CALLS.append(cfg.stride // 2)
+    kw = dict(seq_len=cfg.seq_len, stride=cfg.stride // 2, batch_seqs=cfg.batch_seqs, opts=opts)
+    return eval_sliding(model, tokens, tables, **kw)
+
+
+def test_a_new_mode_is_one_function_and_one_registry_line(
+    tmp_path, sp1024_shards, artifact_is_model_pt, monkeypatch
+):
+    from pgolf.eval.modes import MODES, EvalMode
+
+    monkeypatch.setitem(
+        MODES, "half", EvalMode("half", "half_bpb", "half stride", score="test_eval_run:half_stride_mode")
+    )
+    run, _ = make_run(tmp_path, sp1024_shards, ["sliding"])
+    out = run_eval.evaluate_run(run, modes=["sliding", "half", "ngram"])
+    by = {r["mode"]: r for r in out["results"]}
+    assert list(by) == ["sliding", "half", "ngram"]
+    assert (by["half"]["tokens"], by["half"]["bytes"]) == (by["sliding"]["tokens"], by["sliding"]["bytes"])
+    assert HALF_CALLS == [16]
+    # the tilt rides on the last mode that takes a transform (sliding), as before
+    assert [(p.kind, p.plain, p.tilted) for p in plan_passes(["sliding", "half", "ngram"])] == [
+        ("sliding", "sliding", "ngram"),
+        ("half", "half", None),
+    ]
+
+
+def test_eval_seconds_count_the_artifact_load(tmp_path, sp1024_shards, monkeypatch):
+    """Issue 16.4: eval_seconds is the whole eval, the artifact's load (here a slow fake) included."""
+    slow = 0.4
+
+    def slow_load(run_dir, cfg, device):
+        time.sleep(slow)
+        return run_eval.load_prequant_model(run_dir, cfg, device)
+
+    monkeypatch.setattr(run_eval, "load_quant_model", slow_load)
+    run, _ = make_run(tmp_path, sp1024_shards, ["quant"])
+    out = run_eval.evaluate_run(run)
+    assert out["results"][0]["seconds"] >= slow and out["eval_seconds"] >= out["results"][0]["seconds"]
 
 
 def test_cli_mode_flags_and_budget_stop(tmp_path, sp1024_shards, artifact_is_model_pt, capsys):

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
+from oracles import plain_sliding_nll
 from test_eval_common import stream_totals, tiny_eval_cfg, tiny_model, tiny_stream, tiny_tables  # noqa: F401
 
-from pgolf.eval.score import EvalTrace, eval_nonoverlap, eval_sliding, plain_sliding_nll, sliding_windows
+from pgolf.eval.score import EvalTrace, eval_nonoverlap, eval_sliding, sliding_windows
 from pgolf.eval.ttt import chunk_lr, eval_ttt, plan_chunks
 
 DEV = torch.device("cpu")
@@ -69,9 +71,44 @@ def test_ttt_adapts_a_copy_and_changes_the_score():
     assert ttt.loss != slid.loss
     chunks = plan_chunks(sliding_windows(299, 32, 8), 64)
     trains = [e for e in trace.events if e[0] == "train"]
-    assert len(trains) == len(chunks) - 1  # never after the last chunk
-    # each update reads exactly the positions its chunk scored (plus the context token before them)
-    assert [(lo, hi) for _, lo, hi in trains] == [(c.lo, c.hi + 1) for c in chunks[:-1]]
+    # one update per epoch (2 sequences, mini-batches of 2), never after the last chunk; each reads exactly
+    # the positions its chunk scored (plus the context token before them)
+    assert [(lo, hi) for _, lo, hi in trains] == [(c.lo, c.hi + 1) for c in chunks[:-1] for _ in range(2)]
+
+
+@pytest.mark.parametrize("batch_seqs", [2, 8])
+def test_ttt_steps_once_per_mini_batch_as_the_records(batch_seqs):
+    """A chunk of 5 sequences (the last one short): with ttt_batch_seqs=2 every epoch takes 3 SGD steps on
+    sequences [0,2), [2,4), [4,5), each on the mean loss of its own targets; with 8, one step on all."""
+    from pgolf.eval.ttt import TTTState, train_chunk
+
+    model, toks = tiny_model(), tiny_stream(300)
+    cfg = tiny_eval_cfg(ttt_lr=0.3, ttt_epochs=2, ttt_batch_seqs=batch_seqs, ttt_chunk_tokens=152)
+    chunk = plan_chunks(sliding_windows(299, 32, 8), 152)[0]
+    assert (chunk.lo, chunk.hi) == (0, 152)  # 4 sequences of 32 targets and one of 24
+    state = TTTState(model, cfg, 3)
+    trace = EvalTrace()
+    train_chunk(state, toks, chunk, seq_len=32, device=DEV, autocast_mode="off", trace=trace)
+
+    ref = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.3, momentum=cfg.ttt_momentum)  # chunk 0: the full lr
+    starts = list(range(0, 152, 32))
+    batches = [starts[i : i + batch_seqs] for i in range(0, len(starts), batch_seqs)]
+    for _ in range(2):
+        for batch in batches:
+            opt.zero_grad()
+            nll = torch.cat(
+                [
+                    ref.per_token_nll(toks[s : s + 32][None], toks[s + 1 : s + 33][None])[0, : 152 - s]
+                    for s in batch
+                ]
+            )
+            nll.mean().backward()
+            torch.nn.utils.clip_grad_norm_(list(ref.parameters()), cfg.ttt_grad_clip)
+            opt.step()
+    assert len([e for e in trace.events if e[0] == "train"]) == 2 * len(batches)
+    for (name, p), q in zip(state.model.named_parameters(), ref.parameters()):
+        assert torch.allclose(p, q, atol=1e-5), name
 
 
 def test_ttt_freeze_blocks_keeps_first_block_fixed():

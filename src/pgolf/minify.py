@@ -63,7 +63,15 @@ def imported_modules(name: str, node: ast.AST, is_package: bool) -> set[str]:
             found.add(mod)
             # `from pgolf.data import bytes` imports a submodule, not an attribute
             found.update(f"{mod}.{a.name}" for a in sub.names)
+        elif entry_point_name(sub):  # "pgolf.x:function": the eval-mode registry imports it by name
+            found.add(sub.value.partition(":")[0])
     return {m for m in found if m == PACKAGE or m.startswith(PACKAGE + ".")}
+
+
+def entry_point_name(node: ast.AST) -> str:
+    """The function of a "pgolf.x:function" string constant (pgolf.eval.modes), else ""."""
+    value = node.value if isinstance(node, ast.Constant) else None
+    return value.partition(":")[2] if isinstance(value, str) and value.startswith(PACKAGE + ".") else ""
 
 
 def from_module(node: ast.ImportFrom, base: str) -> str:
@@ -198,6 +206,10 @@ class _Refs(ast.NodeVisitor):
 
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         self.names.update(a.name for a in node.names)
+
+    def visit_Constant(self, node: ast.Constant) -> None:
+        if entry_point_name(node):
+            self.names.add(entry_point_name(node))
 
     def _scope(self, node: ast.AST, args: ast.arguments, body: list[ast.AST]) -> None:
         for sub in [*getattr(node, "decorator_list", []), *args.defaults, *args.kw_defaults]:

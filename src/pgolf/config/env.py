@@ -90,6 +90,10 @@ ENV_KEYS: dict[str, str] = {
     "NGRAM_OPEN_TABLE_BITS": "eval.ngram_table_bits",
     "NGRAM_ORDER_STRIDE": "eval.ngram_order_stride",
     "NGRAM_TOKEN_THRESHOLD_SCALE": "eval.ngram_token_threshold_scale",
+    "NGRAM_WITHIN_THRESHOLD": "eval.ngram_within_threshold",
+    "NGRAM_WITHIN_BETA": "eval.ngram_within_beta",
+    "NGRAM_WORD_THRESHOLD": "eval.ngram_word_threshold",
+    "NGRAM_WORD_BETA": "eval.ngram_word_beta",
 }
 
 # Switches that toggle one mode of the eval plan (1 adds it, 0 removes it).

@@ -63,6 +63,7 @@ def pr1557() -> RunConfig:
     cfg.quant.hessian_clip_lambda, cfg.quant.hessian_clip_embed = 0.175, True
     cfg.eval.plan = ["prequant", "quant", "sliding", "ttt", "ngram"]
     cfg.eval.ttt_epochs = 5
+    cfg.eval.ngram_experts = True
     return cfg
 
 

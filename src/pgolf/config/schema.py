@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pgolf.eval.modes import EVAL_MODES  # noqa: F401  (re-exported: the eval-mode registry owns the names)
+
 
 @dataclass
 class DataConfig:
@@ -154,6 +156,12 @@ class EvalConfig:
     ngram_order_stride: int = 2  # NGRAM_ORDER_STRIDE
     ngram_token_threshold_scale: float = 1.0  # NGRAM_TOKEN_THRESHOLD_SCALE
     ngram_table_bits: int = 26  # NGRAM_OPEN_TABLE_BITS
+    ngram_experts: bool = False  # #1557's within-word and word experts (at β 0 they feed the agree bonus)
+    ngram_within_threshold: float = 0.25  # NGRAM_WITHIN_THRESHOLD
+    ngram_within_beta: float = 0.0  # NGRAM_WITHIN_BETA
+    ngram_word_threshold: float = 0.8  # NGRAM_WORD_THRESHOLD
+    ngram_word_beta: float = 0.0  # NGRAM_WORD_BETA
+    ngram_expert_table_bits: int = 20  # slots per expert table (2^20 in #1557)
 
 
 @dataclass
@@ -187,9 +195,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "quant.shuffle": ("none", "bshf2", "planes"),
     "quant.method": ("gptq", "rtn"),
 }
-EVAL_MODES = ("prequant", "quant", "sliding", "ttt", "ngram")
-
-
 @dataclass(frozen=True)
 class Range:
     """An interval of allowed numbers; `low`/`high` None = unbounded, `*_open` = the bound itself is excluded."""
@@ -297,4 +302,9 @@ RANGES: dict[str, Range] = {
     "eval.ngram_order_stride": POSITIVE,
     "eval.ngram_token_threshold_scale": NON_NEGATIVE,
     "eval.ngram_table_bits": Range(1, 32),
+    "eval.ngram_within_threshold": FRACTION,
+    "eval.ngram_within_beta": NON_NEGATIVE,
+    "eval.ngram_word_threshold": FRACTION,
+    "eval.ngram_word_beta": NON_NEGATIVE,
+    "eval.ngram_expert_table_bits": Range(4, 32),
 }

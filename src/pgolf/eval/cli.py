@@ -6,12 +6,15 @@ import argparse
 
 from pgolf.cliargs import non_negative_float
 from pgolf.config.cli import add_set_argument
+from pgolf.eval.modes import EVAL_MODES
 
-MODE_FLAGS = ("prequant", "quant", "sliding", "ttt", "ngram")
+MODE_FLAGS = EVAL_MODES
 
 
 def _add_sets(parser: argparse.ArgumentParser) -> None:
-    add_set_argument(parser, "override a field of the run's config.toml, e.g. --set eval.stride=256 (repeatable)")
+    add_set_argument(
+        parser, "override a field of the run's config.toml, e.g. --set eval.stride=256 (repeatable)"
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -215,8 +215,7 @@ def check_run(run_dir, sets: list[str] | None = None, seq_windows: int = 4) -> l
 
     from pgolf.config import load_run_config
     from pgolf.config.overrides import apply_sets
-    from pgolf.eval.ngram import HintParams, NgramTilt, compute_hints
-    from pgolf.eval.run_eval import EvalContext, load_eval_data, plan_passes, run_pass
+    from pgolf.eval.run_eval import EvalContext, build_transform, load_eval_data, plan_passes, run_pass
     from pgolf.eval.score import Budget
     from pgolf.runtime import dist_info
 
@@ -231,11 +230,10 @@ def check_run(run_dir, sets: list[str] | None = None, seq_windows: int = 4) -> l
     # neither changes what is being checked.
     e.ttt_chunk_tokens = max(e.stride, (tokens.numel() // 4) // e.stride * e.stride)
     e.ngram_table_bits = min(e.ngram_table_bits, 18)
+    e.ngram_expert_table_bits = min(e.ngram_expert_table_bits, 18)
     check_cfg.train.compile = "off"
-    hints, _ = compute_hints(tokens.numpy(), HintParams.from_config(e))
     print(
-        f"check {run_dir}: {tokens.numel():,}-token check stream, TTT chunks of {e.ttt_chunk_tokens} tokens, "
-        f"{int((hints >= 0).sum())} hinted positions"
+        f"check {run_dir}: {tokens.numel():,}-token check stream, TTT chunks of {e.ttt_chunk_tokens} tokens"
     )
     ctx = EvalContext(run_dir, check_cfg, dist_info(), tokens, tables, Budget(None))
     results: list[CheckResult] = []
@@ -245,13 +243,13 @@ def check_run(run_dir, sets: list[str] | None = None, seq_windows: int = 4) -> l
                 continue
 
             def runner(toks: torch.Tensor, trace: EvalTrace, p=p, tilted=tilted) -> None:
-                tilt = None
-                if tilted:
-                    tilt = NgramTilt(*compute_hints(toks.numpy(), HintParams.from_config(e), quiet=True))
+                tilt = build_transform(ctx, p.tilted, toks)[0] if tilted else None
                 ctx.trace = trace
                 run_pass(ctx, p, tilt, tokens=toks)
 
-            cands = np.nonzero(hints >= 0)[0] if tilted else None
+            # probe where the transform acts (an n-gram tilt's hinted positions)
+            hints = getattr(build_transform(ctx, mode)[0], "hints", None) if tilted else None
+            cands = np.nonzero(np.asarray(hints) >= 0)[0] if hints is not None else None
             results += run_checks(mode, runner, tokens, cfg.model.vocab_size, candidates=cands)
     print(format_table(results))
     return results

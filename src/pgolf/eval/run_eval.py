@@ -1,10 +1,12 @@
 """`evaluate_run(run_dir)`: the eval plan of a run (SPEC §5.1) under the eval time budget, into eval.json.
 
-Modes: prequant (RUN_DIR/model.pt, non-overlapping windows), quant (the artifact, non-overlapping),
-sliding (artifact, stride), ttt (artifact, score-first TTT over sliding windows), ngram (the causal n-gram
-tilt applied inside the final scoring pass: the TTT pass when ttt is in the plan, else a sliding pass).
-The tilt never changes what TTT trains on, so the pass that carries it measures the untilted mode too:
-one TTT pass yields both `ttt` and `ngram` (ngram's seconds = that pass + the hint precompute).
+The modes are those of the registry `pgolf.eval.modes`: prequant (RUN_DIR/model.pt, non-overlapping
+windows), quant (the artifact, non-overlapping), sliding (artifact, stride), ttt (artifact, score-first TTT
+over sliding windows), ngram (the causal n-gram tilt applied inside the final scoring pass: the TTT pass
+when ttt is in the plan, else a sliding pass). One pass that carries a transform measures both modes:
+one TTT pass yields `ttt` and `ngram` (ngram's seconds = that pass + the hint precompute).
+eval_seconds is the wall time of the whole call: config and data load, artifact decompression, compilation
+(the first batch of each compiled function) and every mode; pgolf runs no separate warm-up.
 """
 
 from __future__ import annotations
@@ -18,12 +20,10 @@ import torch
 from pgolf import rundir
 from pgolf.config import RunConfig, load_run_config
 from pgolf.config.overrides import ConfigError, apply_sets
-from pgolf.config.schema import EVAL_MODES
 from pgolf.data.bytes import BpbResult, ByteTables, build_byte_tables, load_tokenizer
 from pgolf.data.val import load_val_stream
-from pgolf.eval.ngram import NgramTilt, build_tilt
-from pgolf.eval.score import Budget, EvalBudgetExceeded, EvalTrace, eval_nonoverlap, eval_sliding
-from pgolf.eval.ttt import eval_ttt
+from pgolf.eval.modes import MODES, entry_point
+from pgolf.eval.score import Budget, EvalBudgetExceeded, EvalTrace, NllTransform, ScoreOptions
 from pgolf.rundir import looping_after_training
 from pgolf.runtime import DistInfo, init_distributed, use_compile
 
@@ -76,26 +76,26 @@ def load_quant_model(run_dir: Path, cfg: RunConfig, device: torch.device) -> tor
 
 @dataclass
 class Pass:
-    """One scoring pass and the modes it reports: (plain mode or None, tilted mode or None)."""
+    """One scoring pass and the modes it reports: (plain mode or None, transform mode or None)."""
 
-    kind: str  # prequant | quant | sliding | ttt
+    kind: str  # the scoring mode that runs
     plain: str | None
     tilted: str | None = None
 
 
 def plan_passes(plan: list[str]) -> list[Pass]:
-    """The passes a plan needs, in execution order; ngram rides on the ttt pass, else on a sliding pass."""
-    bad = [m for m in plan if m not in EVAL_MODES]
+    """The passes a plan needs, in registry order; a transform mode rides on the plan's last scoring mode
+    that takes a transform, else on its carrier (which then reports only the transform mode)."""
+    order = list(MODES)
+    bad = [m for m in plan if m not in MODES]
     if bad:
-        raise ConfigError(f"unknown eval modes {bad}; expected a subset of {', '.join(EVAL_MODES)}")
-    ngram = "ngram" in plan
-    passes = [Pass(m, m) for m in ("prequant", "quant") if m in plan]
-    if "sliding" in plan or (ngram and "ttt" not in plan):
-        tilted = "ngram" if ngram and "ttt" not in plan else None
-        passes.append(Pass("sliding", "sliding" if "sliding" in plan else None, tilted))
-    if "ttt" in plan:
-        passes.append(Pass("ttt", "ttt", "ngram" if ngram else None))
-    return passes
+        raise ConfigError(f"unknown eval modes {bad}; expected a subset of {', '.join(order)}")
+    passes = {m: Pass(m, m) for m in order if m in plan and MODES[m].score}
+    for t in (m for m in order if m in plan and MODES[m].transform):
+        takers = [m for m in passes if MODES[m].takes_transform]
+        kind = takers[-1] if takers else MODES[t].carrier
+        passes.setdefault(kind, Pass(kind, None)).tilted = t
+    return sorted(passes.values(), key=lambda p: order.index(p.kind))
 
 
 @dataclass
@@ -109,43 +109,37 @@ class EvalContext:
     trace: EvalTrace | None = None
     models: dict[str, torch.nn.Module] = field(default_factory=dict)
 
-    def model(self, kind: str) -> torch.nn.Module:
-        key = "prequant" if kind == "prequant" else "quant"
-        if key not in self.models:
-            loader = load_prequant_model if key == "prequant" else load_quant_model
-            self.models[key] = loader(self.run_dir, self.cfg, self.info.device)
-        return self.models[key]
+    def model(self, weights: str) -> torch.nn.Module:
+        """The model of an EvalMode's `weights` (prequant | quant), loaded once."""
+        if weights not in self.models:
+            loader = load_prequant_model if weights == "prequant" else load_quant_model
+            self.models[weights] = loader(self.run_dir, self.cfg, self.info.device)
+        return self.models[weights]
 
 
 def run_pass(
-    ctx: EvalContext, p: Pass, tilt: NgramTilt | None = None, tokens: torch.Tensor | None = None
+    ctx: EvalContext, p: Pass, tilt: NllTransform | None = None, tokens: torch.Tensor | None = None
 ) -> tuple[BpbResult, BpbResult | None]:
     """Score one pass; `tokens` defaults to the context's val stream (the legality checks pass others)."""
-    e, device = ctx.cfg.eval, ctx.info.device
-    tokens = ctx.tokens if tokens is None else tokens
-    common = dict(
-        device=device,
+    mode = MODES[p.kind]
+    opts = ScoreOptions(
+        device=ctx.info.device,
         autocast_mode=ctx.cfg.train.autocast,
+        nll_transform=tilt,
         trace=ctx.trace,
         budget=ctx.budget,
-        compile=use_compile(ctx.cfg.train.compile, device),
+        compile=use_compile(ctx.cfg.train.compile, ctx.info.device),
     )
-    model = ctx.model(p.kind)
-    if p.kind in ("prequant", "quant"):
-        res = eval_nonoverlap(model, tokens, ctx.tables, seq_len=e.seq_len, batch_seqs=e.batch_seqs, **common)
-        return res, None
-    if p.kind == "sliding":
-        return eval_sliding(
-            model,
-            tokens,
-            ctx.tables,
-            seq_len=e.seq_len,
-            stride=e.stride,
-            batch_seqs=e.batch_seqs,
-            nll_transform=tilt,
-            **common,
-        )
-    return eval_ttt(model, tokens, ctx.tables, e, nll_transform=tilt, **common)
+    tokens = ctx.tokens if tokens is None else tokens
+    return entry_point(mode.score)(ctx.model(mode.weights), tokens, ctx.tables, ctx.cfg.eval, opts)
+
+
+def build_transform(
+    ctx: EvalContext, mode: str, tokens: torch.Tensor | None = None
+) -> tuple[NllTransform, float]:
+    """The NllTransform of a transform mode for `tokens` (default: the val stream) and its build seconds."""
+    tokens = ctx.tokens if tokens is None else tokens
+    return entry_point(MODES[mode].transform)(tokens, ctx.cfg.eval, ctx.tables)
 
 
 def _sync(device: torch.device) -> None:
@@ -195,9 +189,9 @@ def evaluate_run(
             ctx.budget.check()
             tilt, hint_seconds = None, 0.0
             if p.tilted is not None:
-                tilt, hint_seconds = build_tilt(tokens, cfg.eval)
+                tilt, hint_seconds = build_transform(ctx, p.tilted)
                 if info.is_main:
-                    print(f"ngram hints: {100 * tilt.coverage:.1f}% of positions, {hint_seconds:.1f} s")
+                    print(f"{p.tilted}: built in {hint_seconds:.1f} s")
             t0 = time.monotonic()
             plain, tilted = run_pass(ctx, p, tilt)
             _sync(info.device)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -89,6 +89,22 @@ class EvalTrace:
         self.events.append(("train", int(lo), int(hi)))
 
 
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How a scoring pass runs, the same for every eval mode (passed whole, never field by field)."""
+
+    device: torch.device | None = None  # None: the model's device
+    autocast_mode: str = "auto"
+    nll_transform: NllTransform | None = None  # e.g. the n-gram tilt; its NLL feeds a second meter
+    trace: EvalTrace | None = None  # legality checks
+    budget: Budget | None = None
+    compile: bool = False
+
+    def merged(self, **overrides) -> ScoreOptions:
+        """These options with the given fields replaced (callers may pass fields as keywords)."""
+        return replace(self, **overrides) if overrides else self
+
+
 def nonoverlap_windows(total_targets: int, seq_len: int) -> np.ndarray:
     """Windows of seq_len targets side by side, each fully scored (the last one may be short)."""
     if total_targets <= 0 or seq_len <= 0:
@@ -147,21 +163,18 @@ class Scorer:
     tables: ByteTables
     seq_len: int
     batch_seqs: int
-    device: torch.device
-    autocast_mode: str = "auto"
-    nll_transform: NllTransform | None = None
-    trace: EvalTrace | None = None
-    budget: Budget | None = None
-    compile: bool = False
+    opts: ScoreOptions = ScoreOptions()
 
     def __post_init__(self) -> None:
         if self.batch_seqs <= 0:
             raise ValueError(f"eval.batch_seqs={self.batch_seqs} must be positive")
+        self.device = self.opts.device or next(self.model.parameters()).device
+        self.nll_transform, self.trace = self.opts.nll_transform, self.opts.trace
         self.meter = BpbMeter(self.tables)
         self.tilt_meter = BpbMeter(self.tables) if self.nll_transform is not None else None
         self._nll_fn = self.model.per_token_nll
         self._logits_fn = self.model.tail_logits
-        if self.compile:
+        if self.opts.compile:
             self._nll_fn = torch.compile(self.model.per_token_nll, dynamic=False)
             self._logits_fn = torch.compile(self.model.tail_logits, dynamic=False)
 
@@ -176,8 +189,8 @@ class Scorer:
         world = dist_info().world_size
         largest = -(-(total_windows if total_windows is not None else len(windows)) // world)
         for i in range(0, max(largest, len(windows)), self.batch_seqs):
-            if self.budget is not None:
-                self.budget.check()
+            if self.opts.budget is not None:
+                self.opts.budget.check()
             if i < len(windows):
                 batch = windows[i : i + self.batch_seqs]
                 # Windows are run in groups of equal scored start (a sliding plan's first window is scored
@@ -192,7 +205,7 @@ class Scorer:
         mask, pos = mask[:, first:], pos[:, first:]
         probes = self._probes_in(pos, mask)
         need_logits = self.nll_transform is not None or bool(probes)
-        with autocast(self.device, self.autocast_mode):
+        with autocast(self.device, self.opts.autocast_mode):
             if need_logits:
                 logits = self._logits_fn(x, first).float()
             else:
@@ -245,20 +258,14 @@ def eval_windows(
     *,
     seq_len: int,
     batch_seqs: int,
-    device: torch.device | None = None,
-    autocast_mode: str = "auto",
-    nll_transform: NllTransform | None = None,
-    trace: EvalTrace | None = None,
-    budget: Budget | None = None,
-    compile: bool = False,
+    opts: ScoreOptions | None = None,
+    **options,
 ) -> tuple[BpbResult, BpbResult | None]:
-    """Score a window plan; each rank takes a contiguous slice of the windows. Returns (plain, tilted)."""
+    """Score a window plan; each rank takes a contiguous slice of the windows. Returns (plain, tilted).
+    Keyword `options` are ScoreOptions fields that override `opts`."""
     info = dist_info()
-    device = device or next(model.parameters()).device
     lo, hi = rank_slice(len(windows), info.rank, info.world_size)
-    scorer = Scorer(
-        model, tables, seq_len, batch_seqs, device, autocast_mode, nll_transform, trace, budget, compile
-    )
+    scorer = Scorer(model, tables, seq_len, batch_seqs, (opts or ScoreOptions()).merged(**options))
     scorer.score(tokens, windows[lo:hi], len(windows))
     return scorer.results()
 
@@ -279,37 +286,22 @@ def eval_sliding(
     seq_len: int,
     stride: int,
     batch_seqs: int,
-    nll_transform: NllTransform | None = None,
     **kw,
 ) -> tuple[BpbResult, BpbResult | None]:
     """Sliding-window eval (SPEC §5.2). Returns (plain, tilted); tilted is None without nll_transform."""
     windows = sliding_windows(tokens.numel() - 1, seq_len, stride)
-    return eval_windows(
-        model,
-        tokens,
-        tables,
-        windows,
-        seq_len=seq_len,
-        batch_seqs=batch_seqs,
-        nll_transform=nll_transform,
-        **kw,
-    )
+    return eval_windows(model, tokens, tables, windows, seq_len=seq_len, batch_seqs=batch_seqs, **kw)
 
 
-@torch.no_grad()
-def plain_sliding_nll(
-    model: torch.nn.Module, tokens: torch.Tensor, seq_len: int, stride: int, autocast_mode: str = "off"
-) -> float:
-    """Mean NLL of the SPEC §5.2 plan the plain way: each window alone, logits of the whole window, the scored
-    tail cut out. The definition `eval_sliding` is tested against and the speed baseline it is measured by;
-    compare the two under the same `autocast_mode` (bf16 moved it by 3.6e-4 nats on 16k cpu-golf val tokens)."""
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for ws, wlen, s in sliding_windows(tokens.numel() - 1, seq_len, stride).tolist():
-        with autocast(device, autocast_mode):
-            logits = model(tokens[ws : ws + wlen].to(device).unsqueeze(0))[0].float()
-        y = tokens[ws + 1 : ws + wlen + 1].to(device)
-        total += F.cross_entropy(logits[s:], y[s:], reduction="sum").item()
-        count += wlen - s
-    return total / count
+# The eval modes' entry points (pgolf.eval.modes): (model, tokens, tables, EvalConfig, ScoreOptions).
+
+
+def nonoverlap_mode(model, tokens, tables, cfg, opts: ScoreOptions) -> tuple[BpbResult, None]:
+    return eval_nonoverlap(
+        model, tokens, tables, seq_len=cfg.seq_len, batch_seqs=cfg.batch_seqs, opts=opts
+    ), None
+
+
+def sliding_mode(model, tokens, tables, cfg, opts: ScoreOptions) -> tuple[BpbResult, BpbResult | None]:
+    kw = dict(seq_len=cfg.seq_len, stride=cfg.stride, batch_seqs=cfg.batch_seqs, opts=opts)
+    return eval_sliding(model, tokens, tables, **kw)

@@ -3,8 +3,8 @@
 The sliding windows are grouped into chunks of `ttt_chunk_tokens` targets (a window belongs to the chunk
 of its first scored target). For chunk c = 0..C-1: (1) score all its windows with no_grad in eval mode;
 (2) unless c is the last chunk, train on exactly the targets just scored: sequences of seq_len split across
-ranks, `ttt_epochs` SGD steps (one per epoch), gradients averaged across ranks by hand, clipped, cosine lr
-over chunks. Training always happens on a deep copy: the caller's (dequantized) model is never changed.
+ranks, for `ttt_epochs` epochs one SGD step per mini-batch of `ttt_batch_seqs` sequences per rank (as the
+records do), gradients averaged across ranks by hand, clipped, cosine lr over chunks. Training always happens on a deep copy: the caller's (dequantized) model is never changed.
 
 The loop is built from `plan_chunks`, `score_chunk` and `train_chunk` so that the legality tests can
 assemble deliberately illegal variants (train before scoring, rescoring) from the same pieces.
@@ -21,15 +21,7 @@ import torch
 
 from pgolf.config.schema import EvalConfig
 from pgolf.data.bytes import BpbResult, ByteTables
-from pgolf.eval.score import (
-    Budget,
-    EvalTrace,
-    NllTransform,
-    Scorer,
-    rank_slice,
-    sliding_windows,
-    window_batch,
-)
+from pgolf.eval.score import EvalTrace, ScoreOptions, Scorer, rank_slice, sliding_windows, window_batch
 from pgolf.runtime import all_reduce_, autocast, dist_info
 
 
@@ -103,39 +95,48 @@ def train_chunk(
     autocast_mode: str = "auto",
     trace: EvalTrace | None = None,
 ) -> None:
-    """Step (2): ttt_epochs SGD steps on the chunk's targets [lo, hi), in sequences of seq_len split across
-    ranks. The loss is normalised by the chunk's total target count and gradients are summed then divided
-    by the world size after scaling by it, i.e. averaged: the update does not depend on the number of ranks."""
+    """Step (2) on the chunk's targets [lo, hi): sequences of seq_len split across ranks; every epoch takes
+    one SGD step per mini-batch, mini-batch i being each rank's sequences [i·b, (i+1)·b) with
+    b = ttt_batch_seqs (the records' loop; one step per epoch when a rank holds <= b sequences). Every rank
+    takes as many steps as the largest share needs. A step's loss is the sum over all ranks' targets of the
+    mini-batch divided by their total count (each rank scales by world/total, the gradients are averaged),
+    so a step does not depend on how its targets are spread over the ranks."""
     cfg, model = state.cfg, state.model
     info = dist_info()
     starts = np.arange(chunk.lo, chunk.hi, seq_len, dtype=np.int64)
     lens = np.minimum(seq_len, chunk.hi - starts)
-    lo, hi = rank_slice(len(starts), info.rank, info.world_size)
+    shares = [rank_slice(len(starts), r, info.world_size) for r in range(info.world_size)]
+    lo, hi = shares[info.rank]
     mine = np.stack([starts[lo:hi], lens[lo:hi], np.zeros(hi - lo, dtype=np.int64)], axis=1)
-    total_targets = float(chunk.hi - chunk.lo)
+    b = cfg.ttt_batch_seqs
+    steps = -(-max(h - lo_ for lo_, h in shares) // b)
+    # targets of mini-batch i over all ranks (known to every rank without communication)
+    step_targets = [
+        sum(int(lens[lo_ + i * b : min(h, lo_ + (i + 1) * b)].sum()) for lo_, h in shares)
+        for i in range(steps)
+    ]
     for group in state.opt.param_groups:
         group["lr"] = chunk_lr(cfg.ttt_lr, chunk.index, state.num_chunks)
-    if trace is not None and hi > lo:
-        trace.on_train(int(mine[0, 0]), int(mine[-1, 0] + mine[-1, 1] + 1))
     model.train()
     for _ in range(cfg.ttt_epochs):
-        state.opt.zero_grad(set_to_none=False)
-        for i in range(0, len(mine), cfg.ttt_batch_seqs):
-            x, y, mask, _ = (
-                t.to(device) for t in window_batch(tokens, mine[i : i + cfg.ttt_batch_seqs], seq_len)
-            )
-            count = int(mask.sum())
-            with autocast(device, autocast_mode):
-                if count == mask.numel():  # full sequences: the model's fused mean loss
-                    loss_sum = model(x, y).float() * count
-                else:  # a short last sequence: padded, masked
-                    loss_sum = (model.per_token_nll(x, y).float() * mask).sum()
-            loss = loss_sum * (info.world_size / total_targets)
-            loss.backward()
-        _average_gradients(state.params, info.world_size)
-        if cfg.ttt_grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(state.params, cfg.ttt_grad_clip)
-        state.opt.step()
+        for i in range(steps):
+            batch = mine[i * b : (i + 1) * b]
+            state.opt.zero_grad(set_to_none=False)
+            if len(batch):
+                if trace is not None:
+                    trace.on_train(int(batch[0, 0]), int(batch[-1, 0] + batch[-1, 1] + 1))
+                x, y, mask, _ = (t.to(device) for t in window_batch(tokens, batch, seq_len))
+                count = int(mask.sum())
+                with autocast(device, autocast_mode):
+                    if count == mask.numel():  # full sequences: the model's fused mean loss
+                        loss_sum = model(x, y).float() * count
+                    else:  # a short last sequence: padded, masked
+                        loss_sum = (model.per_token_nll(x, y).float() * mask).sum()
+                (loss_sum * (info.world_size / step_targets[i])).backward()
+            _average_gradients(state.params, info.world_size)
+            if cfg.ttt_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(state.params, cfg.ttt_grad_clip)
+            state.opt.step()
     model.eval()
 
 
@@ -161,44 +162,30 @@ def eval_ttt(
     tokens: torch.Tensor,
     tables: ByteTables,
     cfg: EvalConfig,
-    *,
-    device: torch.device | None = None,
-    autocast_mode: str = "auto",
-    nll_transform: NllTransform | None = None,
-    trace: EvalTrace | None = None,
-    budget: Budget | None = None,
-    compile: bool = False,
+    opts: ScoreOptions | None = None,
+    **options,
 ) -> tuple[BpbResult, BpbResult | None]:
     """Score-first TTT over sliding windows (SPEC §5.3). Returns (plain, tilted); tilted is None without
-    nll_transform. `model` is left untouched (a deep copy is adapted)."""
-    device = device or next(model.parameters()).device
+    opts.nll_transform. `model` is left untouched (a deep copy is adapted). Keyword `options` are
+    ScoreOptions fields that override `opts`."""
+    opts = (opts or ScoreOptions()).merged(**options)
+    device = opts.device or next(model.parameters()).device
     windows = sliding_windows(tokens.numel() - 1, cfg.seq_len, cfg.stride)
     chunks = plan_chunks(windows, cfg.ttt_chunk_tokens)
     state = TTTState(model, cfg, len(chunks))
-    scorer = Scorer(
-        state.model,
-        tables,
-        cfg.seq_len,
-        cfg.batch_seqs,
-        device,
-        autocast_mode,
-        nll_transform,
-        trace,
-        budget,
-        compile,
-    )
+    scorer = Scorer(state.model, tables, cfg.seq_len, cfg.batch_seqs, opts)
     for chunk in chunks:
         score_chunk(scorer, tokens, chunk)
         if chunk.index < len(chunks) - 1:
-            if budget is not None:
-                budget.check()
+            if opts.budget is not None:
+                opts.budget.check()
             train_chunk(
                 state,
                 tokens,
                 chunk,
                 seq_len=cfg.seq_len,
                 device=device,
-                autocast_mode=autocast_mode,
-                trace=trace,
+                autocast_mode=opts.autocast_mode,
+                trace=opts.trace,
             )
     return scorer.results()

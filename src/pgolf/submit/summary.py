@@ -13,6 +13,7 @@ from typing import Any
 from pgolf import rundir
 from pgolf.config import load_run_config
 from pgolf.config.schema import EVAL_MODES
+from pgolf.eval.modes import MODES
 from pgolf.fileio import atomic_write_json
 from pgolf.rundir import read_json as read_run_json
 
@@ -21,11 +22,7 @@ SUMMARY_FILE = rundir.SUMMARY_JSON
 SUMMARY_KEYS = (
     "val_bpb",
     "val_loss",
-    "pre_quant_bpb",
-    "quant_bpb",
-    "sliding_bpb",
-    "ttt_bpb",
-    "ngram_bpb",
+    *(m.summary_key for m in MODES.values()),
     "artifact_bytes",
     "code_bytes",
     "total_bytes",
@@ -39,13 +36,7 @@ SUMMARY_KEYS = (
 )
 
 # The bpb waterfall in eval-plan order (that of EVAL_MODES): (eval.json mode, summary key, label).
-WATERFALL = (
-    ("prequant", "pre_quant_bpb", "pre-quant"),
-    ("quant", "quant_bpb", "quantized"),
-    ("sliding", "sliding_bpb", "sliding"),
-    ("ttt", "ttt_bpb", "TTT"),
-    ("ngram", "ngram_bpb", "n-gram tilt"),
-)
+WATERFALL = tuple((m.name, m.summary_key, m.label) for m in MODES.values())
 
 # The challenge budgets (SPEC §0, §11): 600 s training (quantization included), 600 s evaluation.
 DEFAULT_BUDGET_SECONDS = 600.0
