@@ -13,7 +13,7 @@ from test_model import ids_for, randomize_, tiny
 
 from pgolf.config import ModelConfig, preset
 from pgolf.model import GPT
-from pgolf.model.attention import CausalSelfAttention, rope_tables
+from pgolf.model.attention import AttnInputs, CausalSelfAttention, rope_tables
 
 # (field, alternative value) pairs that must change the logits of identically-valued models.
 FORWARD_SWITCHES = [
@@ -296,7 +296,8 @@ def test_xsa_output_is_orthogonal_to_own_value(use_xsa: bool) -> None:
             lin.weight.normal_()
         attn.proj.weight.copy_(torch.eye(cfg.model_dim))  # read the per-head outputs directly
         x = torch.randn(2, 9, cfg.model_dim)
-        y = attn(x, rope_tables(9, cfg.rope_dims, cfg.rope_base, x.device)).view(2, 9, 4, 8)
+        ctx = AttnInputs(*rope_tables(9, cfg.rope_dims, cfg.rope_base, x.device), backend="sdpa")
+        y = attn(x, ctx).view(2, 9, 4, 8)
         v = attn.c_v(x).view(2, 9, 2, 8)
     v_dir = F.normalize(v.repeat_interleave(2, dim=2), dim=-1)  # heads 0,1 -> KV head 0; 2,3 -> 1
     along_own_value = (y * v_dir).sum(-1)
