@@ -251,7 +251,7 @@ def test_compute_precision_follows_autocast_not_embedding_storage() -> None:
 
 def test_rope_ntk_rescale_only_beyond_2048() -> None:
     for seq, base in ((2048, 10000.0), (4096, 10000.0 * 2 ** (16 / 14))):
-        cos, sin = attention.rope_tables(seq, 16, 10000.0, torch.device("cpu"))
+        cos, sin = attention.rope_tables(seq, 16, 10000.0, torch.device("cpu"), 2048)
         assert cos.shape == (seq, 8)
         angle = 7 * base ** (-2 * 3 / 16)  # position 7, frequency index 3
         assert (

@@ -13,11 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf.config.schema import ModelConfig
-from pgolf.model.backend import causal_attention
+from pgolf.model.backend import Documents, causal_attention
 from pgolf.model.layers import CastedLinear
-
-# Sequences longer than this get an NTK-style rescale of the RoPE base (records: fixed 2048).
-ROPE_NTK_BASE_LEN = 2048
 
 
 @dataclass(frozen=True)
@@ -27,12 +24,16 @@ class AttnInputs:
     cos: Tensor  # [T, rot_dims/2] fp32 RoPE tables of the whole row
     sin: Tensor
     backend: str  # 'flash' | 'sdpa' (pgolf.model.backend.resolve_backend)
+    docs: Documents | None = None  # per-document attention; None = one causal sequence per row
 
 
-def rope_tables(seq_len: int, rot_dims: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos/sin [T, rot_dims/2] in fp32; base rescaled NTK-style when seq_len > ROPE_NTK_BASE_LEN."""
-    if seq_len > ROPE_NTK_BASE_LEN and rot_dims > 2:
-        base = base * (seq_len / ROPE_NTK_BASE_LEN) ** (rot_dims / (rot_dims - 2))
+def rope_tables(
+    seq_len: int, rot_dims: int, base: float, device: torch.device, ntk_len: int
+) -> tuple[Tensor, Tensor]:
+    """cos/sin [T, rot_dims/2] in fp32; the base is rescaled NTK-style, base·(T/ntk_len)^(r/(r−2)), when
+    seq_len > ntk_len > 0 (the records' rule with ntk_len = their train_seq_len; #1855's YaRN switch)."""
+    if 0 < ntk_len < seq_len and rot_dims > 2:
+        base = base * (seq_len / ntk_len) ** (rot_dims / (rot_dims - 2))
     half = rot_dims // 2
     inv_freq = 1.0 / base ** (torch.arange(half, device=device, dtype=torch.float32) * 2.0 / rot_dims)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
@@ -79,6 +80,11 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((self.num_heads,), float(cfg.qk_gain_init)))
         self.qk_norm = cfg.qk_norm
         self.use_xsa = use_xsa
+        # Sparse output gate (#1855): y_h ← σ(s·W_h·x[:window])·y_h; W = 0 at init, so every gate is 0.5.
+        self.attn_gate_w = (
+            nn.Parameter(torch.zeros(self.num_heads, cfg.gate_window)) if cfg.sparse_attn_gate else None
+        )
+        self.gate_scale = cfg.sparse_attn_gate_scale
 
     def forward(self, x: Tensor, ctx: AttnInputs, tail: int = 0) -> Tensor:
         """Attention output [B, T - tail, dim] of positions tail.. (keys and values: all of x).
@@ -94,7 +100,11 @@ class CausalSelfAttention(nn.Module):
             k = F.rms_norm(k, (self.head_dim,))
         q, k = apply_rope(q, ctx.cos[tail:], ctx.sin[tail:]), apply_rope(k, ctx.cos, ctx.sin)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = causal_attention(q, k, v, ctx.backend)
+        y = causal_attention(q, k, v, ctx.backend, ctx.docs)
         if self.use_xsa:
             y = exclusive_self_attention(y, v[:, tail:])
+        if self.attn_gate_w is not None:
+            window = self.attn_gate_w.size(1)
+            logit = F.linear(x[:, tail:, :window], self.attn_gate_w.to(x.dtype))  # [B, T - tail, heads]
+            y = y * torch.sigmoid(self.gate_scale * logit)[..., None]
         return self.proj(y.reshape(bsz, seq - tail, self.num_heads * self.head_dim))

@@ -19,9 +19,9 @@ from torch import Tensor, nn
 
 from pgolf.config.schema import ModelConfig
 from pgolf.model.attention import AttnInputs, rope_tables
-from pgolf.model.backend import resolve_backend
+from pgolf.model.backend import Documents, resolve_backend
 from pgolf.model.block import LANE_MODES, Block
-from pgolf.model.layers import CastedLinear
+from pgolf.model.layers import BOS_ID, CastedLinear, smear
 from pgolf.model.loss import fused_head_loss, head_nll, softcap_logits
 
 PARALLEL_MODES = ("none", "gptj", *LANE_MODES)
@@ -36,6 +36,9 @@ CONTROL_NAMES = (
     "skip_gates",
     "par_post",
     "par_resid",
+    "attn_gate_w",  # the quantizer stores it int8 per row by this name (SPEC-1855 §4.3)
+    "smear_gate",
+    "smear_lambda",
 )
 # Output projections start at zero so every block is the identity at init (SPEC §2.7).
 ZERO_INIT_LINEARS = ("attn.proj", "mlp.proj", "lm_head")
@@ -139,6 +142,8 @@ def _check_config(cfg: ModelConfig) -> None:
         )
     if cfg.logit_softcap < 0:
         raise ValueError(f"model.logit_softcap={cfg.logit_softcap} must be >= 0 (0 = off)")
+    if (cfg.smear_gate or cfg.sparse_attn_gate) and not 0 < cfg.gate_window <= cfg.model_dim:
+        raise ValueError(f"model.gate_window={cfg.gate_window} must be in [1, model.model_dim={cfg.model_dim}]")
     resolve_backend(cfg.attention_backend, "cpu")  # at build time: 'flash' without FlashAttention fails here
 
 
@@ -165,6 +170,8 @@ class GPT(nn.Module):
         self.par_post = nn.Parameter(torch.empty(layers, 2, 2)) if lanes else None
         self.par_resid = nn.Parameter(torch.empty(layers, 2)) if lanes else None
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(dim, cfg.vocab_size)
+        self.smear_gate = nn.Parameter(torch.empty(cfg.gate_window)) if cfg.smear_gate else None
+        self.smear_lambda = nn.Parameter(torch.empty(1)) if cfg.smear_gate else None
         self.looping = False
         self._plans = {flag: layer_plan(cfg, flag) for flag in (False, True)}
         # Precision (SPEC §2.7): tok_emb holds bf16 master weights; everything else is fp32.
@@ -198,6 +205,9 @@ class GPT(nn.Module):
             if block.resid_mix is not None:
                 block.resid_mix[0].fill_(1.0)
                 block.resid_mix[1].fill_(0.0)
+        for gate in (self.smear_gate, self.smear_lambda, *(b.attn.attn_gate_w for b in self.blocks)):
+            if gate is not None:
+                gate.zero_()  # #1855: the smear starts as the identity, every attention gate at σ(0)
         if self.skip_weights is not None:
             self.skip_weights.fill_(1.0)
         if self.skip_gates is not None:
@@ -280,6 +290,8 @@ class GPT(nn.Module):
             # The bf16 storage of tok_emb must not pick the compute precision: without autocast the
             # whole forward runs in the parameters' fp32 (CPUs without bf16 matmul units need this).
             x = x.float()
+        if self.smear_gate is not None:
+            x = smear(x, ids == BOS_ID, self.smear_gate, self.smear_lambda)
         x0 = F.rms_norm(x, (self.cfg.model_dim,))
         ctx = self._attn_inputs(ids)
         plan = self._plans[self.looping]
@@ -292,9 +304,11 @@ class GPT(nn.Module):
 
     def _attn_inputs(self, ids: Tensor) -> AttnInputs:
         cfg = self.cfg
-        cos, sin = rope_tables(ids.size(1), cfg.rope_dims or cfg.model_dim // cfg.num_heads, cfg.rope_base,
-                               ids.device)  # fmt: skip
-        return AttnInputs(cos, sin, resolve_backend(cfg.attention_backend, ids.device.type))
+        rot_dims = cfg.rope_dims or cfg.model_dim // cfg.num_heads
+        cos, sin = rope_tables(ids.size(1), rot_dims, cfg.rope_base, ids.device, cfg.rope_ntk_len)
+        backend = resolve_backend(cfg.attention_backend, ids.device.type)
+        docs = Documents.from_ids(ids, BOS_ID, backend) if cfg.doc_attention else None
+        return AttnInputs(cos, sin, backend, docs)
 
     def _head_weight(self) -> Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
