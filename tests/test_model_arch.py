@@ -59,8 +59,9 @@ OTHER_MODE_SWITCHES = [
 SHAPE_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult")
 INIT_FIELDS = ("tied_embed_init_std", "qk_gain_init")  # values at init only (checked in test_model.py)
 NOT_FORWARD = ("enable_looping_at", "attention_backend")  # the trainer's clock; same math either way
-# doc_attention acts only on rows holding a BOS (test_model_pr1855.py).
-ELSEWHERE = ("doc_attention",)
+# doc_attention acts only on rows holding a BOS (test_model_pr1855.py); fused_ce only on the training loss
+# (test_model_loss.py).
+ELSEWHERE = ("doc_attention", "fused_ce")
 
 
 def logits_of(cfg: ModelConfig, ids: torch.Tensor, looping: bool = True) -> torch.Tensor:

@@ -32,6 +32,7 @@ PR1855_MODEL = dict(
     gate_window=12,
     rope_ntk_len=0,  # ROPE_YARN=0
     doc_attention=True,
+    fused_ce=True,
 )
 
 
@@ -47,7 +48,7 @@ def test_pr1855_shape_has_the_logged_parameter_count() -> None:
     assert len(new) == 13 and all(param_role(n, model.get_parameter(n)) == "control" for n in new)
     for name in ("pr1394", "pr1541", "pr1557"):  # the switches stay off in the older record presets
         cfg = preset(name).model
-        assert not (cfg.smear_gate or cfg.sparse_attn_gate or cfg.doc_attention), name
+        assert not (cfg.smear_gate or cfg.sparse_attn_gate or cfg.doc_attention or cfg.fused_ce), name
 
 
 def test_new_gates_start_as_identity_smear_and_half_open_attention() -> None:

@@ -55,6 +55,7 @@ class ModelConfig:
     sparse_attn_gate_scale: float = 1.0  # SPARSE_ATTN_GATE_SCALE (#1855 ran 0.5)
     gate_window: int = 12  # GATE_WINDOW: leading input dims read by the smear and sparse attention gates
     doc_attention: bool = False  # per-document attention: no position attends across a BOS (#1855 varlen)
+    fused_ce: bool = False  # FUSED_CE_ENABLED (#1855): training loss = fused softcapped CE on the raw logits
 
 
 @dataclass

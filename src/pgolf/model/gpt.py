@@ -22,7 +22,7 @@ from pgolf.model.attention import AttnInputs, rope_tables
 from pgolf.model.backend import Documents, resolve_backend
 from pgolf.model.block import LANE_MODES, Block
 from pgolf.model.layers import BOS_ID, CastedLinear, smear
-from pgolf.model.loss import fused_head_loss, head_nll, softcap_logits
+from pgolf.model.loss import fused_head_loss, head_nll, softcap_logits, softcapped_cross_entropy
 
 PARALLEL_MODES = ("none", "gptj", *LANE_MODES)
 FINAL_LANES = ("mlp", "attn", "mean")
@@ -320,9 +320,11 @@ class GPT(nn.Module):
         if targets.shape != ids.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal ids shape {tuple(ids.shape)}")
         h = self.hidden(ids)
-        return fused_head_loss(
-            h.reshape(-1, h.size(-1)), self._head_weight(), targets.reshape(-1), self.cfg.logit_softcap
-        )
+        h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+        if self.cfg.fused_ce:  # #1855: raw logits in h's dtype, then the fused softcapped CE
+            return softcapped_cross_entropy(F.linear(h, self._head_weight().to(h.dtype)), targets,
+                                            self.cfg.logit_softcap)  # fmt: skip
+        return fused_head_loss(h, self._head_weight(), targets, self.cfg.logit_softcap)
 
     # Sliding-window eval scores only each window's last `stride` positions: `first` skips the last layer's
     # queries, MLP and the output head (a d x V matmul, tanh and log-softmax over V) where nothing is scored.
