@@ -5,7 +5,9 @@
     python benchmarks/model_forward.py --autocast off  # fp32 compute (CPUs without bf16 matmul units)
 
 Prints a table: ms per fwd+bwd (median of --repeats after one warm-up), tokens/s, peak RSS growth.
-"plain" is the textbook tail (full fp32 softcapped logits + F.cross_entropy); "fused" is model(ids, y).
+"plain" is the textbook tail (full fp32 softcapped logits + F.cross_entropy); "fused" is model(ids, y) (the
+row-chunked head + loss); "fused_ce" is model(ids, y) with model.fused_ce (#1855: raw logits, then the fused
+softcapped cross-entropy).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def time_step(
         model.zero_grad(set_to_none=True)
         start = time.perf_counter()
         with autocast(ids.device, precision):
-            if tail == "fused":
+            if tail in ("fused", "fused_ce"):
+                model.cfg.fused_ce = tail == "fused_ce"
                 loss = model(ids, tgt)
             else:
                 logits = model(ids)
@@ -53,7 +56,7 @@ def main() -> None:
     parser.add_argument("--looping", action="store_true", help="depth recurrence on (cpu-golf loops 2-3)")
     parser.add_argument("--autocast", choices=("bf16", "off"), default="bf16", help="train.autocast")
     parser.add_argument("--batch", type=int, default=32, help="sequences of 512 tokens")
-    parser.add_argument("--tails", default="fused,plain", help="comma list of loss tails to time")
+    parser.add_argument("--tails", default="fused,fused_ce,plain", help="comma list of loss tails to time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = preset("cpu-golf").model
@@ -73,11 +76,11 @@ def main() -> None:
         f"{cfg.num_layers}x{cfg.model_dim} vocab {cfg.vocab_size}, {batch}x{seq} tokens, "
         f"{args.threads} threads, looping {args.looping}, autocast {args.autocast}"
     )
-    print(f"{'tail':<8}{'ms/step':>10}{'min ms':>10}{'tok/s':>10}{'RSS MB':>10}")
+    print(f"{'tail':<9}{'ms/step':>10}{'min ms':>10}{'tok/s':>10}{'RSS MB':>10}")
     for tail in args.tails.split(","):
         times = time_step(model, ids, tgt, tail, args.repeats, args.autocast)
         med = statistics.median(times)
-        print(f"{tail:<8}{med:>10.0f}{min(times):>10.0f}{tokens / med * 1000:>10.0f}{peak_rss_mb():>10.0f}")
+        print(f"{tail:<9}{med:>10.0f}{min(times):>10.0f}{tokens / med * 1000:>10.0f}{peak_rss_mb():>10.0f}")
 
 
 if __name__ == "__main__":

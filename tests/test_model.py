@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import pgolf.model.attention as attention
+import pgolf.model.backend as backend
 import pgolf.model.loss as loss_mod
 from pgolf.config import ModelConfig, preset
 from pgolf.model import GPT, num_skip_connections, param_role, recurrence_indices
@@ -250,7 +251,7 @@ def test_compute_precision_follows_autocast_not_embedding_storage() -> None:
 
 def test_rope_ntk_rescale_only_beyond_2048() -> None:
     for seq, base in ((2048, 10000.0), (4096, 10000.0 * 2 ** (16 / 14))):
-        cos, sin = attention.rope_tables(seq, 16, 10000.0, torch.device("cpu"))
+        cos, sin = attention.rope_tables(seq, 16, 10000.0, torch.device("cpu"), 2048)
         assert cos.shape == (seq, 8)
         angle = 7 * base ** (-2 * 3 / 16)  # position 7, frequency index 3
         assert (
@@ -276,18 +277,26 @@ def fake_flash(q, k, v, causal):
 
 
 def test_backend_selection(monkeypatch) -> None:
-    monkeypatch.setattr(attention, "flash_attn_func", None)
-    assert attention.resolve_backend("auto", "cuda") == "sdpa"
-    assert attention.resolve_backend("sdpa", "cuda") == "sdpa"
+    monkeypatch.setattr(backend, "flash_attn_func", None)
+    assert backend.resolve_backend("auto", "cuda") == "sdpa"
+    assert backend.resolve_backend("sdpa", "cuda") == "sdpa"
     with pytest.raises(RuntimeError, match="attention_backend='flash'"):
-        attention.resolve_backend("flash", "cuda")
+        backend.resolve_backend("flash", "cuda")
     with pytest.raises(RuntimeError, match="flash_attn_interface"):
         GPT(tiny(attention_backend="flash"))
-    monkeypatch.setattr(attention, "flash_attn_func", fake_flash)
-    assert attention.resolve_backend("auto", "cuda") == "flash"
-    assert attention.resolve_backend("auto", "cpu") == "sdpa"
-    assert attention.resolve_backend("sdpa", "cuda") == "sdpa"
-    assert attention.resolve_backend("flash", "cpu") == "flash"
+    with backend.override_backend("sdpa"):  # the test override wins over the config, for every model
+        assert backend.resolve_backend("flash", "cuda") == "sdpa"
+        GPT(tiny(attention_backend="flash"))
+    assert backend._override is None
+    monkeypatch.setattr(backend, "flash_attn_func", fake_flash)
+    assert backend.resolve_backend("auto", "cuda") == "flash"
+    assert backend.resolve_backend("auto", "cpu") == "sdpa"
+    assert backend.resolve_backend("sdpa", "cuda") == "sdpa"
+    assert backend.resolve_backend("flash", "cpu") == "flash"
+    with backend.override_backend("flash"):
+        assert backend.resolve_backend("sdpa", "cpu") == "flash"
+    with pytest.raises(ValueError, match="attention_backend='fa4'"):
+        backend.resolve_backend("fa4", "cuda")
 
 
 def test_flash_layout_plumbing_matches_sdpa(monkeypatch) -> None:
@@ -297,7 +306,7 @@ def test_flash_layout_plumbing_matches_sdpa(monkeypatch) -> None:
         calls.append(tuple(q.shape))
         return fake_flash(q, k, v, causal)
 
-    monkeypatch.setattr(attention, "flash_attn_func", counting_flash)
+    monkeypatch.setattr(backend, "flash_attn_func", counting_flash)
     cfg = tiny()
     ids = ids_for(cfg)
     sdpa_model = randomize_(GPT(tiny(attention_backend="sdpa"))).eval()
@@ -329,28 +338,28 @@ def reference_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 def test_block_causal_inference_attention_matches_reference(monkeypatch, q_len: int) -> None:
     # CPU inference splits the queries into blocks of CPU_QUERY_BLOCK (each sees only its keys); 8 here so
     # that 37 queries make 4 full blocks and a ragged one, and a tail of 5 of 37 keys (eval's `first`) one
-    monkeypatch.setattr(attention, "CPU_QUERY_BLOCK", 8)
+    monkeypatch.setattr(backend, "CPU_QUERY_BLOCK", 8)
     calls = []
-    sdpa = attention._sdpa
+    sdpa = backend._sdpa
 
     def counting_sdpa(*args):
         calls.append(args[0].size(1))
         return sdpa(*args)
 
-    monkeypatch.setattr(attention, "_sdpa", counting_sdpa)
+    monkeypatch.setattr(backend, "_sdpa", counting_sdpa)
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(2, q_len, 4, 8, generator=gen)
     k, v = torch.randn(2, 2, 37, 2, 8, generator=gen).unbind(0)
     expected = reference_causal(q, k, v)
     with torch.no_grad():
-        got = attention.causal_attention(q, k, v, "sdpa")
+        got = backend.causal_attention(q, k, v, "sdpa")
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, atol=1e-5)
     assert calls == [min(8, q_len - a) for a in range(0, q_len, 8)]  # query blocks of 8, the last ragged
     # training (autograd) keeps one SDPA call over all queries: same numbers, and gradients flow
     calls.clear()
     q.requires_grad_(True)
-    trained = attention.causal_attention(q, k, v, "sdpa")
+    trained = backend.causal_attention(q, k, v, "sdpa")
     assert calls == [q_len]
     assert torch.allclose(trained, expected, atol=1e-5)
     trained.sum().backward()

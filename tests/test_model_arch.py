@@ -13,7 +13,7 @@ from test_model import ids_for, randomize_, tiny
 
 from pgolf.config import ModelConfig, preset
 from pgolf.model import GPT
-from pgolf.model.attention import CausalSelfAttention, rope_tables
+from pgolf.model.attention import AttnInputs, CausalSelfAttention, rope_tables
 
 # (field, alternative value) pairs that must change the logits of identically-valued models.
 FORWARD_SWITCHES = [
@@ -42,10 +42,26 @@ FORWARD_SWITCHES = [
     ("parallel_start", 3),
     ("parallel_final_lane", "mean"),
     ("parallel_final_lane", "attn"),
+    ("rope_ntk_len", 8),  # rows of 12 > 8: rescaled base
+    ("smear_gate", True),
+    ("sparse_attn_gate", True),
+]
+# Switches that act only when another one is on: (base overrides, field, alternative value).
+OTHER_MODE_SWITCHES = [
+    ({"parallel_mode": "gptj"}, "parallel_start", 3),
+    ({"parallel_mode": "lanes1529"}, "parallel_final_lane", "mean"),
+    ({"parallel_mode": "lanes1529"}, "parallel_start", 3),
+    ({"skip_gates": False}, "unet_skips", False),
+    ({"sparse_attn_gate": True}, "sparse_attn_gate_scale", 0.5),
+    ({"sparse_attn_gate": True}, "gate_window", 4),
+    ({"smear_gate": True}, "gate_window", 4),
 ]
 SHAPE_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult")
 INIT_FIELDS = ("tied_embed_init_std", "qk_gain_init")  # values at init only (checked in test_model.py)
 NOT_FORWARD = ("enable_looping_at", "attention_backend")  # the trainer's clock; same math either way
+# doc_attention acts only on rows holding a BOS (test_model_pr1855.py); fused_ce only on the training loss
+# (test_model_loss.py).
+ELSEWHERE = ("doc_attention", "fused_ce")
 
 
 def logits_of(cfg: ModelConfig, ids: torch.Tensor, looping: bool = True) -> torch.Tensor:
@@ -57,6 +73,7 @@ def logits_of(cfg: ModelConfig, ids: torch.Tensor, looping: bool = True) -> torc
 
 def test_every_model_field_is_covered() -> None:
     covered = {f for f, _ in FORWARD_SWITCHES} | set(SHAPE_FIELDS) | set(INIT_FIELDS) | set(NOT_FORWARD)
+    covered |= set(ELSEWHERE) | {f for _, f, _ in OTHER_MODE_SWITCHES}
     assert covered == {f.name for f in dataclasses.fields(ModelConfig)}
 
 
@@ -70,15 +87,7 @@ def test_switch_changes_logits(field: str, value) -> None:
     assert diff > 1e-3, f"model.{field}={value!r} does not change the logits"
 
 
-@pytest.mark.parametrize(
-    "base,field,value",
-    [
-        ({"parallel_mode": "gptj"}, "parallel_start", 3),
-        ({"parallel_mode": "lanes1529"}, "parallel_final_lane", "mean"),
-        ({"parallel_mode": "lanes1529"}, "parallel_start", 3),
-        ({"skip_gates": False}, "unet_skips", False),
-    ],
-)
+@pytest.mark.parametrize("base,field,value", OTHER_MODE_SWITCHES)
 def test_switch_changes_logits_in_other_modes(base: dict, field: str, value) -> None:
     cfg = tiny(**base)
     ids = ids_for(cfg)
@@ -123,6 +132,9 @@ CAUSAL_ARCHS = [
     ("pr1541", {"parallel_mode": "gptj"}),
     ("cpu-golf", {"parallel_mode": "lanes1529", "parallel_final_lane": "mean"}),
     ("smoke", {"parallel_mode": "lanes1529"}),
+    # #1855's switches (SPEC-1855 §1): lanes from 8 of 11, smear, sparse gate, per-document attention
+    ("pr1557", {"num_loops": 2, "parallel_start": 8, "smear_gate": True, "sparse_attn_gate": True,
+                "doc_attention": True, "rope_ntk_len": 0}),
 ]
 
 
@@ -296,7 +308,8 @@ def test_xsa_output_is_orthogonal_to_own_value(use_xsa: bool) -> None:
             lin.weight.normal_()
         attn.proj.weight.copy_(torch.eye(cfg.model_dim))  # read the per-head outputs directly
         x = torch.randn(2, 9, cfg.model_dim)
-        y = attn(x, rope_tables(9, cfg.rope_dims, cfg.rope_base, x.device)).view(2, 9, 4, 8)
+        ctx = AttnInputs(*rope_tables(9, cfg.rope_dims, cfg.rope_base, x.device, 2048), backend="sdpa")
+        y = attn(x, ctx).view(2, 9, 4, 8)
         v = attn.c_v(x).view(2, 9, 2, 8)
     v_dir = F.normalize(v.repeat_interleave(2, dim=2), dim=-1)  # heads 0,1 -> KV head 0; 2,3 -> 1
     along_own_value = (y * v_dir).sum(-1)

@@ -51,6 +51,13 @@ class ModelConfig:
     parallel_start: int = 7  # PARALLEL_RESIDUAL_START (physical layer index)
     parallel_final_lane: str = "mlp"  # PARALLEL_FINAL_LANE: mlp | mean | attn (lanes modes)
     attention_backend: str = "auto"  # auto (FA3 on CUDA when importable, else SDPA) | flash | sdpa
+    rope_ntk_len: int = 2048  # RoPE base rescaled NTK-style for calls longer than this; 0 = never (#1855 ROPE_YARN=0)
+    smear_gate: bool = False  # SMEAR_GATE_ENABLED (#1855): gated smear of the previous embedding, never into a BOS
+    sparse_attn_gate: bool = False  # SPARSE_ATTN_GATE_ENABLED (#1855): per-head sigmoid gate on attention outputs
+    sparse_attn_gate_scale: float = 1.0  # SPARSE_ATTN_GATE_SCALE (#1855 ran 0.5)
+    gate_window: int = 12  # GATE_WINDOW: leading input dims read by the smear and sparse attention gates
+    doc_attention: bool = False  # per-document attention: no position attends across a BOS (#1855 varlen)
+    fused_ce: bool = False  # FUSED_CE_ENABLED (#1855): training loss = fused softcapped CE on the raw logits
 
 
 @dataclass

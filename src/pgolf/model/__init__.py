@@ -6,7 +6,7 @@ scored tail only); `model.set_looping(on)`; `recurrence_indices(cfg, looping)`;
 `param_role(name, tensor)` -> "embed" | "head" | "matrix" | "control".
 """
 
-from pgolf.model.attention import resolve_backend
+from pgolf.model.backend import override_backend, resolve_backend
 from pgolf.model.gpt import (
     CONTROL_NAMES,
     GPT,
@@ -21,6 +21,7 @@ __all__ = [
     "GPT",
     "CastedLinear",
     "num_skip_connections",
+    "override_backend",
     "param_role",
     "recurrence_indices",
     "resolve_backend",

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf.config.schema import ModelConfig
-from pgolf.model.attention import CausalSelfAttention
+from pgolf.model.attention import AttnInputs, CausalSelfAttention
 from pgolf.model.layers import MLP
 
 LANE_MODES = ("lanes1541", "lanes1529")
@@ -50,19 +50,19 @@ class Block(nn.Module):
     def _norm(self, x: Tensor) -> Tensor:
         return F.rms_norm(x, (x.size(-1),)) * self.ln_scale
 
-    def _attn(self, x: Tensor, rope: tuple[Tensor, Tensor], first: int = 0) -> Tensor:
-        return self.attn_scale.to(x.dtype) * self.attn(self._norm(x), rope, first)
+    def _attn(self, x: Tensor, ctx: AttnInputs, tail: int) -> Tensor:
+        return self.attn_scale.to(x.dtype) * self.attn(self._norm(x), ctx, tail)
 
     def _mlp(self, x: Tensor) -> Tensor:
         return self.mlp_scale.to(x.dtype) * self.mlp(self._norm(x))
 
-    # `first` > 0 computes the outputs of positions first.. only (their attention still reads every key):
-    # exact for the last layer, whose other positions nothing reads. Eval uses it for the scored tail.
-    def forward(self, x: Tensor, x0: Tensor, rope: tuple[Tensor, Tensor], first: int = 0) -> Tensor:
-        """Sequential or GPT-J block on a single residual stream; output [B, T - first, dim]."""
+    # tail > 0 (a model's last layer only) computes the outputs of positions tail.. alone; their attention
+    # still reads every key. Exact, since nothing reads the other positions of the last layer.
+    def forward(self, x: Tensor, x0: Tensor, ctx: AttnInputs, tail: int = 0) -> Tensor:
+        """Sequential or GPT-J block on a single residual stream; output [B, T - tail, dim]."""
         x = self.mix(x, x0)
-        a = self._attn(x, rope, first)
-        x = x[:, first:]
+        a = self._attn(x, ctx, tail)
+        x = x[:, tail:]
         if self.gptj:
             return x + a + self._mlp(x)
         x = x + a
@@ -73,21 +73,21 @@ class Block(nn.Module):
         lane0: Tensor,
         lane1: Tensor,
         x0: Tensor,
-        rope: tuple[Tensor, Tensor],
+        ctx: AttnInputs,
         post: Tensor,
         resid: Tensor,
-        first: int = 0,
+        tail: int = 0,
     ) -> tuple[Tensor, Tensor]:
         """One two-lane layer; post = par_post[l] ([src][dst], src 0 = attn, 1 = mlp), resid = par_resid[l].
 
         #1541: MLP reads mix(lane1, x0); L_k ← r1·(r0·L_k + P[0][k]·a) + P[1][k]·f (shared carry r0·r1).
         #1529: MLP reads raw lane1;      L_k ← ρ_k·L_k + P[0][k]·a + P[1][k]·f (per-lane carry ρ_k).
-        Both branch outputs are computed from the pre-update lanes. Outputs: positions first.. only.
+        Both branch outputs are computed from the pre-update lanes. Outputs: positions tail.. only.
         """
         if self.lane_form is None:
             raise RuntimeError("forward_lanes called on a block that is not a lane-parallel layer")
-        a = self._attn(self.mix(lane0, x0), rope, first)
-        lane0, lane1, x0 = lane0[:, first:], lane1[:, first:], x0[:, first:]
+        a = self._attn(self.mix(lane0, x0), ctx, tail)
+        lane0, lane1, x0 = lane0[:, tail:], lane1[:, tail:], x0[:, tail:]
         mlp_in = self.mix(lane1, x0) if self.lane_form == "lanes1541" else lane1
         f = self._mlp(mlp_in)
         post, resid = post.to(a.dtype), resid.to(a.dtype)

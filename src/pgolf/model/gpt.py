@@ -11,16 +11,18 @@ stream is needed: an encoder skip, a following sequential layer, the final norm.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf.config.schema import ModelConfig
-from pgolf.model.attention import rope_tables
+from pgolf.model.attention import AttnInputs, rope_tables
+from pgolf.model.backend import Documents, resolve_backend
 from pgolf.model.block import LANE_MODES, Block
-from pgolf.model.layers import CastedLinear
-from pgolf.model.loss import fused_head_loss, head_nll, softcap_logits
+from pgolf.model.layers import BOS_ID, CastedLinear, smear
+from pgolf.model.loss import fused_head_loss, head_nll, softcap_logits, softcapped_cross_entropy
 
 PARALLEL_MODES = ("none", "gptj", *LANE_MODES)
 FINAL_LANES = ("mlp", "attn", "mean")
@@ -34,11 +36,34 @@ CONTROL_NAMES = (
     "skip_gates",
     "par_post",
     "par_resid",
+    "attn_gate_w",  # the quantizer stores it int8 per row by this name (SPEC-1855 §4.3)
+    "smear_gate",
+    "smear_lambda",
 )
 # Output projections start at zero so every block is the identity at init (SPEC §2.7).
 ZERO_INIT_LINEARS = ("attn.proj", "mlp.proj", "lm_head")
 
 LaneState = Tensor | tuple[Tensor, Tensor]
+
+
+class Step(NamedTuple):
+    """One virtual layer: physical block `idx`; decoder position `pos` (-1 in the encoder), whose paired
+    encoder output is skips[`skip`] (None: no skip merge)."""
+
+    idx: int
+    pos: int
+    skip: int | None
+
+
+def layer_plan(cfg: ModelConfig, looping: bool) -> list[Step]:
+    """The virtual layers in order: encoder steps push their output as a skip, decoder position j < S
+    merges encoder output E−1−j (LIFO pairing, by explicit index)."""
+    encoder, decoder = recurrence_indices(cfg, looping)
+    paired = min(len(encoder), len(decoder)) if num_skip_connections(cfg) else 0
+    steps = [Step(idx, -1, None) for idx in encoder]
+    for pos, idx in enumerate(decoder):
+        steps.append(Step(idx, pos, len(encoder) - 1 - pos if pos < paired else None))
+    return steps
 
 
 def recurrence_indices(cfg: ModelConfig, looping: bool) -> tuple[list[int], list[int]]:
@@ -117,6 +142,9 @@ def _check_config(cfg: ModelConfig) -> None:
         )
     if cfg.logit_softcap < 0:
         raise ValueError(f"model.logit_softcap={cfg.logit_softcap} must be >= 0 (0 = off)")
+    if (cfg.smear_gate or cfg.sparse_attn_gate) and not 0 < cfg.gate_window <= cfg.model_dim:
+        raise ValueError(f"model.gate_window={cfg.gate_window} must be in [1, model.model_dim={cfg.model_dim}]")
+    resolve_backend(cfg.attention_backend, "cpu")  # at build time: 'flash' without FlashAttention fails here
 
 
 class RMSNorm(nn.Module):
@@ -142,8 +170,10 @@ class GPT(nn.Module):
         self.par_post = nn.Parameter(torch.empty(layers, 2, 2)) if lanes else None
         self.par_resid = nn.Parameter(torch.empty(layers, 2)) if lanes else None
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(dim, cfg.vocab_size)
+        self.smear_gate = nn.Parameter(torch.empty(cfg.gate_window)) if cfg.smear_gate else None
+        self.smear_lambda = nn.Parameter(torch.empty(1)) if cfg.smear_gate else None
         self.looping = False
-        self._orders = {flag: recurrence_indices(cfg, flag) for flag in (False, True)}
+        self._plans = {flag: layer_plan(cfg, flag) for flag in (False, True)}
         # Precision (SPEC §2.7): tok_emb holds bf16 master weights; everything else is fp32.
         self.tok_emb.to(torch.bfloat16)
         self.init_weights()
@@ -175,6 +205,9 @@ class GPT(nn.Module):
             if block.resid_mix is not None:
                 block.resid_mix[0].fill_(1.0)
                 block.resid_mix[1].fill_(0.0)
+        for gate in (self.smear_gate, self.smear_lambda, *(b.attn.attn_gate_w for b in self.blocks)):
+            if gate is not None:
+                gate.zero_()  # #1855: the smear starts as the identity, every attention gate at σ(0)
         if self.skip_weights is not None:
             self.skip_weights.fill_(1.0)
         if self.skip_gates is not None:
@@ -215,42 +248,38 @@ class GPT(nn.Module):
         gate = torch.sigmoid(self.skip_gates[pos].to(x.dtype))
         return torch.lerp(scaled, x, gate)  # σ(g)·x + (1−σ(g))·w⊙skip
 
-    def _layer(
-        self,
-        idx: int,
-        state: LaneState,
-        x0: Tensor,
-        rope: tuple[Tensor, Tensor],
-        skip: Tensor | None,
-        pos: int,
-        first: int = 0,
-    ) -> LaneState:
-        """Run physical block idx at decoder position pos (skip = its paired encoder output, or None);
-        first > 0 (the last layer only) returns positions first.. alone."""
-        block = self.blocks[idx]
+    def _layer(self, step: Step, state: LaneState, x0: Tensor, ctx: AttnInputs, skips: list[Tensor],
+               tail: int = 0) -> LaneState:  # fmt: skip
+        """Run one virtual layer; tail > 0 (the last layer only) returns positions tail.. alone."""
+        block = self.blocks[step.idx]
+        skip = None if step.skip is None else skips[step.skip]
         if block.lane_form is None:
             x = self._single(state)
             if skip is not None:
-                x = self._merge_skip(x, skip, pos)
-            return block(x, x0, rope, first)
-        if isinstance(state, Tensor):
-            # First lane layer: the skip is merged into x, then both lanes start from it.
-            x = self._merge_skip(state, skip, pos) if skip is not None else state
-            lane0, lane1 = x, x
+                x = self._merge_skip(x, skip, step.pos)
+            state = block(x, x0, ctx, tail)
         else:
-            lane0, lane1 = state
-            if skip is not None:
-                lane0 = self._merge_skip(lane0, skip, pos)
-                if block.lane_form == "lanes1541":  # #1541: into both lanes; #1529: lane 0 only
-                    lane1 = self._merge_skip(lane1, skip, pos)
-        post, resid = self.par_post[idx], self.par_resid[idx]
-        return block.forward_lanes(lane0, lane1, x0, rope, post, resid, first)
+            if isinstance(state, Tensor):
+                # First lane layer: the skip is merged into x, then both lanes start from it.
+                x = self._merge_skip(state, skip, step.pos) if skip is not None else state
+                lane0, lane1 = x, x
+            else:
+                lane0, lane1 = state
+                if skip is not None:
+                    lane0 = self._merge_skip(lane0, skip, step.pos)
+                    if block.lane_form == "lanes1541":  # #1541: into both lanes; #1529: lane 0 only
+                        lane1 = self._merge_skip(lane1, skip, step.pos)
+            post, resid = self.par_post[step.idx], self.par_resid[step.idx]
+            state = block.forward_lanes(lane0, lane1, x0, ctx, post, resid, tail)
+        if step.pos < 0:
+            skips.append(self._single(state))
+        return state
 
     def hidden(self, ids: Tensor, first: int = 0) -> Tensor:
         """final_norm output [B, T - first, d] of positions first..: the features the output head reads.
 
-        Every layer but the last runs on all T positions (their keys and values are needed); the last
-        layer computes the outputs of positions first.. only, which is what sliding eval scores.
+        Every layer but the last runs on all T positions (their keys and values are needed); only the last
+        layer is told `first`, and computes the outputs of positions first.. alone (what sliding eval scores).
         """
         if ids.dim() != 2:
             raise ValueError(f"expected token ids [B, T]; got shape {tuple(ids.shape)}")
@@ -261,23 +290,25 @@ class GPT(nn.Module):
             # The bf16 storage of tok_emb must not pick the compute precision: without autocast the
             # whole forward runs in the parameters' fp32 (CPUs without bf16 matmul units need this).
             x = x.float()
-        x = F.rms_norm(x, (self.cfg.model_dim,))
-        x0 = x
-        head_dim = self.cfg.model_dim // self.cfg.num_heads
-        rope = rope_tables(ids.size(1), self.cfg.rope_dims or head_dim, self.cfg.rope_base, ids.device)
-        encoder, decoder = self._orders[self.looping]
-        state: LaneState = x
+        if self.smear_gate is not None:
+            x = smear(x, ids == BOS_ID, self.smear_gate, self.smear_lambda)
+        x0 = F.rms_norm(x, (self.cfg.model_dim,))
+        ctx = self._attn_inputs(ids)
+        plan = self._plans[self.looping]
+        state: LaneState = x0
         skips: list[Tensor] = []
-        last = len(encoder) + len(decoder) - 1
-        for n, idx in enumerate(encoder):
-            state = self._layer(idx, state, x0, rope, None, -1, first if n == last else 0)
-            skips.append(self._single(state))
-        paired = min(len(encoder), len(decoder)) if self.skip_weights is not None else 0
-        for pos, idx in enumerate(decoder):
-            skip = skips[len(encoder) - 1 - pos] if pos < paired else None
-            tail = first if len(encoder) + pos == last else 0
-            state = self._layer(idx, state, x0, rope, skip, pos, tail)
+        for step in plan[:-1]:
+            state = self._layer(step, state, x0, ctx, skips)
+        state = self._layer(plan[-1], state, x0, ctx, skips, tail=first)
         return self.final_norm(self._single(state))
+
+    def _attn_inputs(self, ids: Tensor) -> AttnInputs:
+        cfg = self.cfg
+        rot_dims = cfg.rope_dims or cfg.model_dim // cfg.num_heads
+        cos, sin = rope_tables(ids.size(1), rot_dims, cfg.rope_base, ids.device, cfg.rope_ntk_len)
+        backend = resolve_backend(cfg.attention_backend, ids.device.type)
+        docs = Documents.from_ids(ids, BOS_ID, backend) if cfg.doc_attention else None
+        return AttnInputs(cos, sin, backend, docs)
 
     def _head_weight(self) -> Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
@@ -289,9 +320,11 @@ class GPT(nn.Module):
         if targets.shape != ids.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal ids shape {tuple(ids.shape)}")
         h = self.hidden(ids)
-        return fused_head_loss(
-            h.reshape(-1, h.size(-1)), self._head_weight(), targets.reshape(-1), self.cfg.logit_softcap
-        )
+        h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+        if self.cfg.fused_ce:  # #1855: raw logits in h's dtype, then the fused softcapped CE
+            return softcapped_cross_entropy(F.linear(h, self._head_weight().to(h.dtype)), targets,
+                                            self.cfg.logit_softcap)  # fmt: skip
+        return fused_head_loss(h, self._head_weight(), targets, self.cfg.logit_softcap)
 
     # Sliding-window eval scores only each window's last `stride` positions: `first` skips the last layer's
     # queries, MLP and the output head (a d x V matmul, tanh and log-softmax over V) where nothing is scored.

@@ -8,6 +8,10 @@ materialised and backward only scales the stored gradients by the incoming scala
 
 The matmuls run in h's dtype (bf16 under autocast: the same rounding as the plain F.linear path) and the
 weight gradient is accumulated across chunks in fp32.
+
+`softcapped_cross_entropy` is #1855's form (model.fused_ce): the head matmul runs as one op and the loss
+takes the raw [N, V] logits, walking the vocabulary in blocks (a Triton kernel per row on CUDA) so that
+neither the capped fp32 copy nor a saved tanh output exists.
 """
 
 from __future__ import annotations
@@ -15,6 +19,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+try:  # the CUDA kernels of softcapped_cross_entropy; absent where Triton is not installed
+    from pgolf.model import ce_triton as triton_ce
+except ImportError:  # pragma: no cover - depends on the machine
+    triton_ce = None
 
 # Rows per chunk = CHUNK_ELEMENTS // vocab. CPU: 16 MB of fp32 logits (512 rows at V=8192), the fastest of
 # 2^18..2^24 measured at 16,384 x 256 x 8192 (smaller chunks make the per-chunk matmuls and the dW
@@ -116,3 +125,83 @@ def head_nll(h: Tensor, weight: Tensor, targets: Tensor, softcap: float) -> Tens
         capped = softcap_logits(h[start : start + step] @ w.t(), softcap)
         parts.append(F.cross_entropy(capped, targets[start : start + step], reduction="none"))
     return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------- fused softcapped CE (#1855)
+# CPU tiles of ROW_BLOCK rows x VOCAB_BLOCK columns: the fp32 temporaries (1 MB) stay in cache and no
+# [N, V] fp32 tensor is ever made.
+ROW_BLOCK = 128
+VOCAB_BLOCK = 2048
+
+
+def _capped(z: Tensor, softcap: float) -> Tensor:
+    """c·tanh(z/c) + c written as 2c·σ(2z/c) (fp32; the constant c cancels in the loss), or z when off."""
+    return 2.0 * softcap * torch.sigmoid(z * (2.0 / softcap)) if softcap > 0 else z
+
+
+def _tiles(rows: int, vocab: int):
+    for r in range(0, rows, ROW_BLOCK):
+        for a in range(0, vocab, VOCAB_BLOCK):
+            yield slice(r, r + ROW_BLOCK), slice(a, a + VOCAB_BLOCK)
+
+
+def _ce_forward_blocks(z: Tensor, targets: Tensor, softcap: float) -> tuple[Tensor, Tensor]:
+    """Per-row loss and log-sum-exp of the capped logits; the LSE of each tile is folded into its rows'
+    running LSE (logaddexp), so a row is never held whole in fp32."""
+    lse = torch.full((z.size(0),), float("-inf"), dtype=torch.float32, device=z.device)
+    for r, a in _tiles(*z.shape):
+        lse[r] = torch.logaddexp(lse[r], torch.logsumexp(_capped(z[r, a].float(), softcap), dim=1))
+    return lse - _capped(z.gather(1, targets[:, None]).squeeze(1).float(), softcap), lse
+
+
+def _ce_backward_blocks(z: Tensor, targets: Tensor, lse: Tensor, scale: Tensor, softcap: float) -> Tensor:
+    """d(scale·Σ loss)/dz = scale·(softmax(u) − onehot)·(1 − tanh²(z/c)), tile by tile, in z's dtype."""
+    grad = torch.empty_like(z)
+    for r, a in _tiles(*z.shape):
+        if softcap > 0:
+            sig = torch.sigmoid(z[r, a].float() * (2.0 / softcap))
+            p = torch.exp_((2.0 * softcap) * sig - lse[r, None])
+        else:
+            p = torch.exp(z[r, a].float() - lse[r, None])
+        local = targets[r] - a.start
+        inside = torch.nonzero((local >= 0) & (local < p.size(1))).squeeze(1)
+        p[inside, local[inside]] -= 1.0
+        if softcap > 0:
+            p.mul_(torch.addcmul(sig, sig, sig, value=-1.0))  # σ(1 − σ) = (1 − tanh²(z/c)) / 4
+            grad[r, a] = p.mul_(4.0 * scale)
+        else:
+            grad[r, a] = p.mul_(scale)
+    return grad
+
+
+class _SoftcappedCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, softcap: float) -> Tensor:  # type: ignore[override]
+        if logits.is_cuda and triton_ce is not None:
+            loss, lse = triton_ce.forward(logits, targets, softcap)
+        else:
+            loss, lse = _ce_forward_blocks(logits, targets, softcap)
+        ctx.softcap = softcap
+        ctx.save_for_backward(logits, targets, lse)
+        return loss.mean()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        logits, targets, lse = ctx.saved_tensors
+        scale = (grad_out.float() / logits.size(0)).reshape(1)  # the loss is the mean over rows
+        if logits.is_cuda and triton_ce is not None:
+            grad = triton_ce.backward(logits, targets, lse, scale, ctx.softcap)
+        else:
+            grad = _ce_backward_blocks(logits, targets, lse, scale, ctx.softcap)
+        return grad, None, None
+
+
+def softcapped_cross_entropy(logits: Tensor, targets: Tensor, softcap: float) -> Tensor:
+    """Mean fp32 cross-entropy of softcap·tanh(logits/softcap) against targets, from the raw logits [N, V]
+    (any float dtype): saves only the logits, targets and per-row LSE, never an fp32 [N, V] copy. A Triton
+    kernel per row on CUDA when Triton is importable, vocabulary blocks otherwise."""
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(
+            f"expected logits [N, V] and targets [N]; got {tuple(logits.shape)} and {tuple(targets.shape)}"
+        )
+    return _SoftcappedCE.apply(logits, targets, float(softcap))
