@@ -45,6 +45,11 @@ ENV_KEYS: dict[str, str] = {
     "LOOP_END": "model.loop_end",
     "ENABLE_LOOPING_AT": "model.enable_looping_at",
     "PARALLEL_FINAL_LANE": "model.parallel_final_lane",
+    "SMEAR_GATE_ENABLED": "model.smear_gate",
+    "SPARSE_ATTN_GATE_ENABLED": "model.sparse_attn_gate",
+    "SPARSE_ATTN_GATE_SCALE": "model.sparse_attn_gate_scale",
+    "GATE_WINDOW": "model.gate_window",
+    "FUSED_CE_ENABLED": "model.fused_ce",
     # optimizer & schedule
     "MATRIX_LR": "optim.matrix_lr",
     "SCALAR_LR": "optim.scalar_lr",

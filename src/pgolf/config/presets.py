@@ -70,13 +70,16 @@ def pr1557() -> RunConfig:
 @register("pr1855")
 def pr1855() -> RunConfig:
     """#1855 as logged (SPEC-1855 §1-§2, §6): #1529 lanes from layer 8 (mean), loop 3-5 at 0.35, QK-gain
-    5.0, Polar-Express Newton-Schulz, MIN_LR 0.1, warmdown 0.85, beta2 0.99, int7 embedding (k=14)."""
+    5.0, SmearGate (BOS-masked) and the sparse attention gate, per-document attention, fused softcapped CE,
+    Polar-Express Newton-Schulz, MIN_LR 0.1, warmdown 0.85, beta2 0.99, int7 embedding (k=14)."""
     cfg = pr1394()
     cfg.preset = "pr1855"
     m, o, t, q = cfg.model, cfg.optim, cfg.train, cfg.quant
     m.qk_gain_init = 5.0
     m.loop_start, m.loop_end, m.num_loops, m.enable_looping_at = 3, 5, 2, 0.35
     m.parallel_mode, m.parallel_start, m.parallel_final_lane = "lanes1529", 8, "mean"
+    m.smear_gate, m.sparse_attn_gate, m.sparse_attn_gate_scale, m.gate_window = True, True, 0.5, 12
+    m.rope_ntk_len, m.doc_attention, m.fused_ce = 0, True, True  # ROPE_YARN=0, varlen attention, fused CE
     o.matrix_lr, o.tied_embed_lr, o.scalar_lr = 0.026, 0.03, 0.02
     o.muon_momentum, o.muon_wd, o.embed_wd, o.adam_wd = 0.97, 0.095, 0.085, 0.02
     o.beta2, o.ema_decay, o.warmdown_frac, o.min_lr = 0.99, 0.9965, 0.85, 0.1
