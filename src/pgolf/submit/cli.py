@@ -1,4 +1,5 @@
-"""Submit-stage commands: `pgolf stats` (seed statistics, record test) and `pgolf report` (plots, report.md).
+"""Submit-stage commands: `pgolf run`, `pgolf stats` (seed statistics, record test), `pgolf report` (plots,
+report.md), `pgolf bundle` and `pgolf ablate` (each technique switched off in turn).
 
 Each command is one `_add_*` function in COMMANDS; a new command adds its function to that list.
 Handlers import their module on use, so building the parser stays fast.
@@ -168,11 +169,63 @@ def _bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_ablate(sub: argparse._SubParsersAction) -> None:
+    from pgolf.config.cli import add_config_arguments
+
+    p = sub.add_parser(
+        "ablate",
+        help="train a preset as is and with each technique switched off; table of Δbpb, bytes, seconds",
+        description=(
+            "Runs OUT/baseline/seed_S and OUT/TOGGLE/seed_S (each a full `pgolf run`), then writes "
+            "OUT/ablation.json and OUT/ablation.md: per technique the mean over seeds of off − baseline "
+            "(positive Δbpb = the technique helps) ± the std of the paired differences. Finished runs "
+            "of the same config are reused: rerun the command to continue an interrupted ablation."
+        ),
+    )
+    p.add_argument("preset", metavar="PRESET")
+    p.add_argument("--data", help="data folder (shards + tokenizer.model); sets data.dir")
+    p.add_argument("--out", metavar="OUT", help="ablation folder")
+    p.add_argument(
+        "--toggle",
+        action="append",
+        default=[],
+        metavar="NAMES",
+        help="comma list of techniques to switch off (--list shows them), optionally ending with an "
+        "ad-hoc one NAME=section.field=value[;section.field=value]; repeatable",
+    )
+    p.add_argument(
+        "--seeds", default="3", help="a count N (the preset's seed, +1, ...) or a comma list (default 3)"
+    )
+    p.add_argument("--list", action="store_true", help="list the built-in toggles for PRESET and exit")
+    add_config_arguments(p)
+    p.set_defaults(func=_ablate)
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from pgolf.config import ConfigError, resolve
+    from pgolf.submit import ablate
+
+    sets = list(args.sets) + ([f"data.dir={args.data}"] if args.data else [])
+    base = resolve(args.preset, args.config, sets=sets)
+    if args.list:
+        print(ablate.list_toggles(base))
+        return 0
+    if not args.out:
+        raise ConfigError("pgolf ablate: --out is required (the folder for the runs and the table)")
+    toggles = ablate.parse_toggles(args.toggle)
+    seeds = ablate.parse_seeds(args.seeds, base.train.seed)
+    table = ablate.run_ablation(base, toggles, seeds, args.out)
+    print(ablate.format_table(table))
+    print(f"\ntable: {Path(args.out) / ablate.TABLE_MD}")
+    return 0
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_stats,
     _add_report,
     _add_run,
     _add_bundle,
+    _add_ablate,
 ]
 
 

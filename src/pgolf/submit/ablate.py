@@ -1,0 +1,364 @@
+"""`pgolf ablate`: train a preset as is and with each technique switched off in turn, over paired seeds.
+
+Layout: OUT/baseline/seed_S and OUT/<toggle>/seed_S are ordinary `run_pipeline` run directories;
+OUT/ablation.json and OUT/ablation.md hold the table, rewritten after every finished run. A run whose
+summary.json exists and whose config.toml equals the planned config is reused, so rerunning the same
+command continues an interrupted ablation.
+
+Δ = toggled-off minus baseline for the same seed (positive Δbpb = the technique helps); the table gives
+the mean of these paired differences and their sample standard deviation.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pgolf.config import ConfigError, RunConfig, load_run_config, set_value, to_dict, validate
+from pgolf.fileio import atomic_write_json, atomic_write_text
+from pgolf.submit.stats import mean_std
+from pgolf.submit.summary import SUMMARY_FILE, read_run_json
+
+BASELINE = "baseline"
+TABLE_JSON = "ablation.json"
+TABLE_MD = "ablation.md"
+
+
+@dataclass(frozen=True)
+class Toggle:
+    """A technique and the `section.field=value` sets that switch it off; `note` says what "off" is."""
+
+    name: str
+    sets: tuple[str, ...]
+    note: str
+
+
+# One line per technique. The "off" value is the one the technique replaced, which is not always "none":
+# the note says whose value it is.
+BUILTIN: tuple[Toggle, ...] = (
+    Toggle("polar_ns", ("optim.muon_ns_coeffs=quintic",), "fixed quintic Newton-Schulz of #1394"),
+    Toggle("min_lr", ("optim.min_lr=0.0",), "warmdown decays to 0 (no LR floor)"),
+    Toggle("beta2", ("optim.beta2=0.95",), "Adam beta2 0.95, #1394's value"),
+    Toggle("warmdown", ("optim.warmdown_frac=0.75",), "warmdown 0.75, #1855's code default"),
+    Toggle("ema", ("optim.ema_decay=0",), "no EMA: the live weights are exported"),
+    Toggle("muoneq_r", ("optim.muon_row_normalize=false",), "plain Muon, no row normalisation"),
+    Toggle("loop", ("model.num_loops=0",), "no depth recurrence"),
+    Toggle("parallel_lanes", ("model.parallel_mode=none",), "one sequential residual stream"),
+    Toggle("xsa", ("model.xsa_last_n=0",), "no XSA in any layer"),
+    Toggle("qk_gain", ("model.qk_gain_init=4.0",), "QK gain 4.0, the previous record's (#1394) value"),
+    Toggle("skip_gates", ("model.skip_gates=false",), "ungated U-Net skips"),
+    Toggle("ln_scale", ("model.ln_scale=false",), "no 1/sqrt(l+1) layer-norm scale"),
+    Toggle(
+        "int7_embed",
+        ("quant.embed_bits=8", "quant.embed_clip_sigmas=20.0"),
+        "int8 embedding with k=20, #1394's",
+    ),
+    Toggle("hessian_clip", ("quant.hessian_clip_lambda=0",), "plain SDClip (no Hessian-aware clip)"),
+    Toggle("gptq", ("quant.method=rtn",), "round to nearest with the same scales"),
+)
+TOGGLES: dict[str, Toggle] = {t.name: t for t in BUILTIN}
+
+class AlreadyOff(ConfigError):
+    """The preset already has the technique off: ablating it would train the baseline again."""
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def parse_toggles(args: Sequence[str]) -> list[Toggle]:
+    """--toggle values: comma lists of TOGGLES names, each optionally ending with one ad-hoc toggle
+    `name=section.field=value[;section.field=value]` (whose values may hold commas, e.g. list fields)."""
+    out: list[Toggle] = []
+    for arg in args:
+        head, eq, adhoc_sets = arg.partition("=")
+        names = [n.strip() for n in head.split(",")]
+        adhoc = names.pop() if eq else None
+        for name in names:
+            if not name:
+                raise ConfigError(f"--toggle {arg!r}: empty toggle name")
+            if name not in TOGGLES:
+                raise ConfigError(
+                    f"--toggle: unknown toggle '{name}'; expected one of {', '.join(TOGGLES)} "
+                    "or NAME=section.field=value[;section.field=value]"
+                )
+            out.append(TOGGLES[name])
+        if adhoc is not None:
+            if not _NAME.fullmatch(adhoc) or adhoc in TOGGLES or adhoc == BASELINE:
+                raise ConfigError(
+                    f"--toggle {arg!r}: an ad-hoc toggle needs a new name of letters, digits, '_', '-' "
+                    f"(not '{BASELINE}' or a built-in toggle), got {adhoc!r}"
+                )
+            sets = tuple(s.strip() for s in adhoc_sets.split(";") if s.strip())
+            if not sets or any("=" not in s for s in sets):
+                raise ConfigError(
+                    f"--toggle {arg!r}: expected {adhoc}=section.field=value[;section.field=value]"
+                )
+            out.append(Toggle(adhoc, sets, "ad hoc"))
+    seen: set[str] = set()
+    for t in out:
+        if t.name in seen:
+            raise ConfigError(f"--toggle: '{t.name}' is given twice")
+        seen.add(t.name)
+    if not out:
+        raise ConfigError("--toggle: name at least one technique to switch off")
+    return out
+
+
+def parse_seeds(text: str, first_seed: int) -> list[int]:
+    """--seeds N (a count: first_seed, first_seed + 1, ...) or a comma list of distinct seeds ("42," = one)."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) > 1 and not parts[-1]:
+        parts.pop()  # a trailing comma makes a single number a list
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if "," not in text:
+        if len(values) != 1 or values[0] < 1:
+            raise ConfigError(f"--seeds {text!r}: expected a count >= 1 or a comma list like 1337,42,7")
+        return [first_seed + i for i in range(values[0])]
+    if not values or len(set(values)) != len(values):
+        raise ConfigError(f"--seeds {text!r}: expected distinct integers separated by commas, e.g. 1337,42,7")
+    return values
+
+
+def toggled_config(base: RunConfig, toggle: Toggle) -> RunConfig:
+    """`base` with the toggle's sets applied and validated; errors name the toggle and the field."""
+    cfg = copy.deepcopy(base)
+    for item in toggle.sets:
+        key, _, value = item.partition("=")
+        try:
+            set_value(cfg, key.strip(), value)
+        except ConfigError as err:
+            raise ConfigError(f"toggle '{toggle.name}': {err}") from None
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"toggle '{toggle.name}' ({'; '.join(toggle.sets)}): {err}") from None
+    if to_dict(cfg) == to_dict(base):
+        raise AlreadyOff(
+            f"toggle '{toggle.name}': preset {base.preset} already has it off ({'; '.join(toggle.sets)})"
+        )
+    return cfg
+
+
+def plan_configs(base: RunConfig, toggles: Sequence[Toggle]) -> dict[str, RunConfig]:
+    """{"baseline": base, toggle name: toggled config}, every toggle checked before anything trains."""
+    plan = {BASELINE: base}
+    for t in toggles:
+        plan[t.name] = toggled_config(base, t)
+    return plan
+
+
+def run_dir(out: str | Path, name: str, seed: int) -> Path:
+    return Path(out) / name / f"seed_{seed}"
+
+
+def _config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return [
+        f"{sec}.{key}: {a[sec][key]!r} there, {b[sec].get(key)!r} planned"
+        for sec in a
+        if isinstance(a[sec], dict)
+        for key in a[sec]
+        if a[sec][key] != b[sec].get(key)
+    ]
+
+
+def reusable(cfg: RunConfig, directory: Path) -> bool:
+    """True when `directory` holds a finished run of `cfg`. A run (finished or not) of another config there
+    is an error: reusing it would mix configs, and retraining over it would destroy it."""
+    if (directory / "config.toml").is_file():
+        diffs = _config_diff(to_dict(load_run_config(directory)), to_dict(cfg))
+        if diffs:
+            raise ConfigError(
+                f"{directory} holds a run of a different config ({'; '.join(diffs[:3])}): "
+                "use another --out or remove that run"
+            )
+    return (directory / SUMMARY_FILE).is_file()
+
+
+Runner = Callable[..., Any]
+
+
+def _run_one(cfg: RunConfig, directory: Path, runner: Runner) -> None:
+    from pgolf.quant.pipeline import OverCapError
+
+    try:
+        runner(cfg, directory, resume=(directory / "checkpoint.pt").is_file())
+    except OverCapError:
+        pass  # summary.json holds the unquantized score; the table leaves the pair out of Δbpb
+
+
+def run_ablation(
+    base: RunConfig,
+    toggles: Sequence[Toggle],
+    seeds: Sequence[int],
+    out: str | Path,
+    runner: Runner | None = None,
+) -> dict[str, Any]:
+    """Every (config, seed) run not already finished, seed by seed; the table after each; returns it."""
+    if runner is None:
+        from pgolf.submit.pipeline import run_pipeline as runner
+    plan = plan_configs(base, toggles)
+    jobs = []
+    for seed in seeds:
+        for name, cfg in plan.items():
+            c = copy.deepcopy(cfg)
+            c.train.seed = seed
+            jobs.append((c, run_dir(out, name, seed)))
+    todo = [(c, d) for c, d in jobs if not reusable(c, d)]  # all mismatches reported before training
+    print(f"pgolf ablate {base.preset}: {len(jobs) - len(todo)} of {len(jobs)} runs already done")
+    table = write_table(out, base.preset, toggles, seeds)
+    for cfg, directory in todo:
+        _run_one(cfg, directory, runner)
+        table = write_table(out, base.preset, toggles, seeds)
+    return table
+
+
+def _score(directory: Path) -> dict[str, Any] | None:
+    if not (directory / SUMMARY_FILE).is_file():
+        return None
+    return read_run_json(directory, SUMMARY_FILE)
+
+
+def _unquantized(summary: dict[str, Any]) -> bool:
+    """No quantized score: the run was over the cap, so the pipeline scored only the trained weights."""
+    return summary["quant_bpb"] is None
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return mean_std(values)[0] if values else None
+
+
+def _std(values: Sequence[float]) -> float | None:
+    std = mean_std(values)[1] if values else math.nan
+    return None if math.isnan(std) else std
+
+
+def _mean_diff(pairs: dict[int, tuple[dict[str, Any], dict[str, Any]]], key: str) -> float | None:
+    return _mean([off[key] - b[key] for b, off in pairs.values()])
+
+
+def ablation_table(
+    out: str | Path, preset: str, toggles: Sequence[Toggle], seeds: Sequence[int]
+) -> dict[str, Any]:
+    """The table from the summary.json files present: per toggle, paired differences over the seeds whose
+    baseline and toggled runs both finished. Δbpb leaves out a pair whose toggled run went over the cap
+    (scored unquantized, its baseline quantized); bytes and seconds use every pair."""
+    base = {s: _score(run_dir(out, BASELINE, s)) for s in seeds}
+    done = [s for s in seeds if base[s] is not None]
+    baseline = {
+        "n": len(done),
+        "val_bpb": _mean([base[s]["val_bpb"] for s in done]),
+        "artifact_bytes": _mean([base[s]["artifact_bytes"] for s in done]),
+        "train_seconds": _mean([base[s]["train_seconds"] for s in done]),
+        "eval_seconds": _mean([base[s]["eval_seconds"] for s in done]),
+    }
+    rows = []
+    for t in toggles:
+        pairs = {s: (base[s], _score(run_dir(out, t.name, s))) for s in done}
+        pairs = {s: p for s, p in pairs.items() if p[1] is not None}
+        lost = {s for s, (b, off) in pairs.items() if _unquantized(off) and not _unquantized(b)}
+        scored = {s: off["val_bpb"] - b["val_bpb"] for s, (b, off) in pairs.items() if s not in lost}
+
+        rows.append(
+            {
+                "toggle": t.name,
+                "off": list(t.sets),
+                "note": t.note,
+                "n": len(scored),
+                "delta_bpb": _mean(list(scored.values())),
+                "std_bpb": _std(list(scored.values())),
+                "per_seed_delta_bpb": {str(s): d for s, d in scored.items()},
+                "delta_artifact_bytes": _mean_diff(pairs, "artifact_bytes"),
+                "delta_train_seconds": _mean_diff(pairs, "train_seconds"),
+                "delta_eval_seconds": _mean_diff(pairs, "eval_seconds"),
+                "over_cap": len(lost),
+            }
+        )
+    return {"preset": preset, "seeds": list(seeds), "baseline": baseline, "rows": rows}
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+COLUMNS = ("technique", "Δbpb", "± std", "Δartifact B", "Δtrain s", "Δeval s", "n")
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    cells = [
+        row["toggle"],
+        _num(row["delta_bpb"], "+.5f"),
+        _num(row["std_bpb"], ".5f"),
+        _num(row["delta_artifact_bytes"], "+,.0f"),
+        _num(row["delta_train_seconds"], "+.1f"),
+        _num(row["delta_eval_seconds"], "+.1f"),
+        str(row["n"]),
+    ]
+    if row["over_cap"]:
+        cells[1] += f" ({row['over_cap']} over cap)"
+    return cells
+
+
+def _headline(table: dict[str, Any]) -> str:
+    b = table["baseline"]
+    seeds = ",".join(str(s) for s in table["seeds"])
+    if not b["n"]:
+        return f"ablation of {table['preset']}, seeds {seeds}: no baseline run finished yet"
+    return (
+        f"ablation of {table['preset']}, seeds {seeds}: baseline val_bpb {b['val_bpb']:.5f}, "
+        f"artifact {b['artifact_bytes']:,.0f} B, train {b['train_seconds']:.1f} s, eval {b['eval_seconds']:.1f} s "
+        f"(mean of {b['n']}); Δ = off − baseline per seed, positive Δbpb = the technique helps"
+    )
+
+
+def format_table(table: dict[str, Any]) -> str:
+    """The console table: one row per technique, columns aligned."""
+    grid = [list(COLUMNS)] + [_cells(r) for r in table["rows"]]
+    widths = [max(len(line[i]) for line in grid) for i in range(len(COLUMNS))]
+    lines = [_headline(table)]
+    for line in grid:
+        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def markdown_table(table: dict[str, Any]) -> str:
+    """The same table as markdown, with what "off" means for each technique."""
+    head = list(COLUMNS) + ["off ="]
+    lines = [_headline(table), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in table["rows"]:
+        off = "; ".join(f"`{s}`" for s in row["off"]) + f" ({row['note']})"
+        lines.append("| " + " | ".join(_cells(row) + [off]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(
+    out: str | Path, preset: str, toggles: Sequence[Toggle], seeds: Sequence[int]
+) -> dict[str, Any]:
+    """OUT/ablation.json and OUT/ablation.md from the runs finished so far; returns the table."""
+    table = ablation_table(out, preset, toggles, seeds)
+    atomic_write_json(Path(out) / TABLE_JSON, table)
+    atomic_write_text(Path(out) / TABLE_MD, markdown_table(table))
+    return table
+
+
+def list_toggles(base: RunConfig) -> str:
+    """The built-in toggles with their "off" sets and whether `base` can be ablated by each."""
+    lines = []
+    for t in BUILTIN:
+        try:
+            toggled_config(base, t)
+            state = "on"
+        except AlreadyOff:
+            state = "already off"
+        except ConfigError as err:
+            state = f"error: {err}"
+        lines.append(f"{t.name:15s} {state:12s} {'; '.join(t.sets)}  ({t.note})")
+    return "\n".join(lines)
