@@ -97,6 +97,35 @@ def test_over_cap_runs_count_bytes_but_not_bpb(tmp_path: Path):
     assert plan["over_cap"] == 0 and plan["n"] == 2 and plan["delta_bpb"] == pytest.approx(0.015)
 
 
+def test_a_run_over_the_cap_does_not_stop_the_ablation(tmp_path: Path, capsys):
+    from pgolf.quant.pipeline import OverCapError
+
+    calls = []
+
+    def runner(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
+        calls.append((run_dir.relative_to(tmp_path).as_posix(), cfg.train.seed, cfg.quant.embed_bits, resume))
+        if cfg.quant.embed_bits == 8:  # int7_embed off: the int8 embedding no longer fits
+            atomic_write_json(run_dir / "summary.json", dict(fake_summary(1.3, 20_000, 1.0, 1.0), quant_bpb=None))
+            raise OverCapError("over the cap", {})
+        atomic_write_json(run_dir / "summary.json", fake_summary(1.5, 5000, 1.0, 1.0))
+
+    table = run_ablation(preset("pr1855"), [ablate.TOGGLES["int7_embed"], QK], [5, 6], tmp_path, runner=runner)
+    assert calls == [
+        ("baseline/seed_5", 5, 7, False),
+        ("int7_embed/seed_5", 5, 8, False),
+        ("qk_gain/seed_5", 5, 7, False),
+        ("baseline/seed_6", 6, 7, False),
+        ("int7_embed/seed_6", 6, 8, False),
+        ("qk_gain/seed_6", 6, 7, False),
+    ]
+    int7, qk = table["rows"]
+    assert (int7["n"], int7["over_cap"], int7["delta_bpb"], int7["delta_artifact_bytes"]) == (0, 2, None, 15_000)
+    assert (qk["n"], qk["delta_bpb"], qk["std_bpb"]) == (2, 0.0, 0.0)
+    out = capsys.readouterr().out
+    assert "0 of 6 runs already done" in out and "- (2 over cap)" in out
+    assert json.loads((tmp_path / "ablation.json").read_text()) == table
+
+
 def test_parse_toggles_names_and_ad_hoc():
     got = parse_toggles(["ema,qk_gain", "xsa,plan2=eval.plan=prequant,quant;model.num_loops=0"])
     assert [t.name for t in got] == ["ema", "qk_gain", "xsa", "plan2"]
@@ -143,6 +172,16 @@ def _is_on(cfg: RunConfig, t: Toggle) -> bool:
     except AlreadyOff:
         return False
     return True
+
+
+def test_list_shows_which_toggles_a_preset_has_on(capsys):
+    assert main(["ablate", "pr1855", "--list"]) == 0
+    states = {line.split()[0]: line[16:28].strip() for line in capsys.readouterr().out.splitlines()}
+    assert list(states) == [t.name for t in BUILTIN]
+    assert states["polar_ns"] == states["min_lr"] == states["int7_embed"] == "on"
+    assert states["hessian_clip"] == "already off"
+    assert main(["ablate", "pr1855", "--toggle", "ema"]) == 2
+    assert "--out is required" in capsys.readouterr().err
 
 
 def test_parse_seeds():

@@ -201,22 +201,32 @@ def run_ablation(
     out: str | Path,
     runner: Runner | None = None,
 ) -> dict[str, Any]:
-    """Every (config, seed) run not already finished, seed by seed; the table after each; returns it."""
-    if runner is None:
-        from pgolf.submit.pipeline import run_pipeline as runner
+    """Every (config, seed) run not already finished, seed by seed, so that an interrupted ablation leaves
+    complete seeds behind; the table is rewritten after each run (rank 0 under torchrun) and returned."""
+    from pgolf.runtime import init_distributed
+    from pgolf.submit.pipeline import run_pipeline, seed_configs
+
+    runner = runner or run_pipeline
     plan = plan_configs(base, toggles)
-    jobs = []
-    for seed in seeds:
-        for name, cfg in plan.items():
-            c = copy.deepcopy(cfg)
-            c.train.seed = seed
-            jobs.append((c, run_dir(out, name, seed)))
-    todo = [(c, d) for c, d in jobs if not reusable(c, d)]  # all mismatches reported before training
-    print(f"pgolf ablate {base.preset}: {len(jobs) - len(todo)} of {len(jobs)} runs already done")
-    table = write_table(out, base.preset, toggles, seeds)
+    jobs = [
+        (cfg, run_dir(out, name, cfg.train.seed))
+        for seed in seeds
+        for name, planned in plan.items()
+        for cfg in seed_configs(planned, [seed])
+    ]
+    todo = [(c, d) for c, d in jobs if not reusable(c, d)]  # every mismatch reported before training
+    main = init_distributed(base.train.device).is_main
+    if main:
+        print(f"pgolf ablate {base.preset}: {len(jobs) - len(todo)} of {len(jobs)} runs already done")
+    table = ablation_table(out, base.preset, toggles, seeds)
     for cfg, directory in todo:
         _run_one(cfg, directory, runner)
+        if main:
+            table = write_table(out, base.preset, toggles, seeds)
+    if main:
         table = write_table(out, base.preset, toggles, seeds)
+        print(format_table(table))
+        print(f"\ntable: {Path(out) / TABLE_MD}")
     return table
 
 

@@ -214,9 +214,7 @@ def _ablate(args: argparse.Namespace) -> int:
         raise ConfigError("pgolf ablate: --out is required (the folder for the runs and the table)")
     toggles = ablate.parse_toggles(args.toggle)
     seeds = ablate.parse_seeds(args.seeds, base.train.seed)
-    table = ablate.run_ablation(base, toggles, seeds, args.out)
-    print(ablate.format_table(table))
-    print(f"\ntable: {Path(args.out) / ablate.TABLE_MD}")
+    ablate.run_ablation(base, toggles, seeds, args.out)
     return 0
 
 
