@@ -105,11 +105,15 @@ def test_a_run_over_the_cap_does_not_stop_the_ablation(tmp_path: Path, capsys):
     def runner(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
         calls.append((run_dir.relative_to(tmp_path).as_posix(), cfg.train.seed, cfg.quant.embed_bits, resume))
         if cfg.quant.embed_bits == 8:  # int7_embed off: the int8 embedding no longer fits
-            atomic_write_json(run_dir / "summary.json", dict(fake_summary(1.3, 20_000, 1.0, 1.0), quant_bpb=None))
+            atomic_write_json(
+                run_dir / "summary.json", dict(fake_summary(1.3, 20_000, 1.0, 1.0), quant_bpb=None)
+            )
             raise OverCapError("over the cap", {})
         atomic_write_json(run_dir / "summary.json", fake_summary(1.5, 5000, 1.0, 1.0))
 
-    table = run_ablation(preset("pr1855"), [ablate.TOGGLES["int7_embed"], QK], [5, 6], tmp_path, runner=runner)
+    table = run_ablation(
+        preset("pr1855"), [ablate.TOGGLES["int7_embed"], QK], [5, 6], tmp_path, runner=runner
+    )
     assert calls == [
         ("baseline/seed_5", 5, 7, False),
         ("int7_embed/seed_5", 5, 8, False),
@@ -119,7 +123,8 @@ def test_a_run_over_the_cap_does_not_stop_the_ablation(tmp_path: Path, capsys):
         ("qk_gain/seed_6", 6, 7, False),
     ]
     int7, qk = table["rows"]
-    assert (int7["n"], int7["over_cap"], int7["delta_bpb"], int7["delta_artifact_bytes"]) == (0, 2, None, 15_000)
+    assert (int7["n"], int7["over_cap"], int7["delta_bpb"]) == (0, 2, None)
+    assert int7["delta_artifact_bytes"] == 15_000
     assert (qk["n"], qk["delta_bpb"], qk["std_bpb"]) == (2, 0.0, 0.0)
     out = capsys.readouterr().out
     assert "0 of 6 runs already done" in out and "- (2 over cap)" in out
@@ -237,8 +242,8 @@ def test_smoke_ablation_tree_and_delta(smoke_ablation: Path):
             summary = json.loads((out / name / f"seed_{s}" / "summary.json").read_text())
             assert (summary["seed"], summary["steps"], summary["preset"]) == (s, 2, "smoke")
             runs[name, s] = summary
-    cfg = (out / "ema" / "seed_1" / "config.toml").read_text()
-    assert "ema_decay = 0.0" in cfg and "ema_decay = 0.5" in (out / "baseline" / "seed_1" / "config.toml").read_text()
+    assert "ema_decay = 0.0" in (out / "ema" / "seed_1" / "config.toml").read_text()
+    assert "ema_decay = 0.5" in (out / "baseline" / "seed_1" / "config.toml").read_text()
     (row,) = json.loads((out / "ablation.json").read_text())["rows"]
     diffs = [runs["ema", s]["val_bpb"] - runs["baseline", s]["val_bpb"] for s in (1, 2)]
     assert row["n"] == 2

@@ -63,11 +63,12 @@ BUILTIN: tuple[Toggle, ...] = (
 )
 TOGGLES: dict[str, Toggle] = {t.name: t for t in BUILTIN}
 
+
 class AlreadyOff(ConfigError):
     """The preset already has the technique off: ablating it would train the baseline again."""
 
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a directory name under OUT
 
 
 def parse_toggles(args: Sequence[str]) -> list[Toggle]:
