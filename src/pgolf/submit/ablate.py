@@ -60,6 +60,7 @@ BUILTIN: tuple[Toggle, ...] = (
     ),
     Toggle("hessian_clip", ("quant.hessian_clip_lambda=0",), "plain SDClip (no Hessian-aware clip)"),
     Toggle("gptq", ("quant.method=rtn",), "round to nearest with the same scales"),
+    Toggle("pergroup", ("quant.compressor=brotli",), "one brotli-11 stream of byte-shuffled codes, #1394's"),
 )
 TOGGLES: dict[str, Toggle] = {t.name: t for t in BUILTIN}
 
