@@ -183,7 +183,8 @@ def test_list_shows_which_toggles_a_preset_has_on(capsys):
     assert main(["ablate", "pr1855", "--list"]) == 0
     states = {line.split()[0]: line[16:28].strip() for line in capsys.readouterr().out.splitlines()}
     assert list(states) == [t.name for t in BUILTIN]
-    assert states["polar_ns"] == states["min_lr"] == states["int7_embed"] == states["pergroup"] == "on"
+    for name in ("polar_ns", "min_lr", "int7_embed", "pergroup", "smear_gate", "sparse_gate", "fused_ce"):
+        assert states[name] == "on", name
     assert states["hessian_clip"] == "already off"
     assert main(["ablate", "pr1855", "--toggle", "ema"]) == 2
     assert "--out is required" in capsys.readouterr().err

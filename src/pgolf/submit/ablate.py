@@ -52,6 +52,12 @@ BUILTIN: tuple[Toggle, ...] = (
     Toggle("xsa", ("model.xsa_last_n=0",), "no XSA in any layer"),
     Toggle("qk_gain", ("model.qk_gain_init=4.0",), "QK gain 4.0, the previous record's (#1394) value"),
     Toggle("skip_gates", ("model.skip_gates=false",), "ungated U-Net skips"),
+    Toggle("smear_gate", ("model.smear_gate=false",), "no SmearGate"),
+    Toggle("sparse_gate", ("model.sparse_attn_gate=false",), "no sparse attention output gate"),
+    Toggle("doc_attention", ("model.doc_attention=false",), "attention across documents of a packed row"),
+    Toggle(
+        "fused_ce", ("model.fused_ce=false",), "eager softcapped CE: the same loss, a speed/memory switch"
+    ),
     Toggle("ln_scale", ("model.ln_scale=false",), "no 1/sqrt(l+1) layer-norm scale"),
     Toggle(
         "int7_embed",
