@@ -85,14 +85,15 @@ def run_dir_report(run_dir: Path, quick: bool) -> None:
     from pgolf.eval.run_eval import load_eval_data, load_prequant_model, load_quant_model
     from pgolf.eval.score import eval_nonoverlap
     from pgolf.quant import quantize_run
+    from pgolf.singlefile import bundle_code_bytes
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name in ("config.toml", "model.pt", "train.json"):
             if (run_dir / name).is_file():
                 shutil.copy2(run_dir / name, work / name)
-        report = quantize_run(work, verbose=False)
         cfg = load_run_config(work)
+        report = quantize_run(work, verbose=False, code_bytes=bundle_code_bytes(cfg))
         if quick:
             cfg.data.max_val_tokens = 16 * cfg.eval.seq_len
         tokens, tables = load_eval_data(cfg)

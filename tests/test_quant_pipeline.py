@@ -17,7 +17,6 @@ from pgolf.fileio import atomic_write_text
 from pgolf.model import GPT
 from pgolf.quant import (
     calibration_batches,
-    code_bytes,
     collect_hessians,
     estimate_quant_seconds,
     load_artifact_model,
@@ -111,7 +110,7 @@ def test_hessians_accumulate_every_looped_pass_and_the_head():
 
 def test_quantize_run_writes_artifact_and_report(tmp_path, capsys):
     run, cfg, model = make_run_dir(tmp_path)
-    report = quantize_run(run)
+    report = quantize_run(run, code_bytes=1234)
     assert (run / "model.ptz").is_file() and not (run / "model.over_cap.ptz").exists()
     saved = json.loads((run / "quant.json").read_text())
     assert saved == json.loads(json.dumps(report))
@@ -127,6 +126,7 @@ def test_quantize_run_writes_artifact_and_report(tmp_path, capsys):
     ):
         assert key in saved, key
     assert saved["artifact_bytes"] == (run / "model.ptz").stat().st_size
+    assert saved["code_bytes"] == 1234  # the caller's number: quantization builds no bundle
     assert saved["total_bytes"] == saved["artifact_bytes"] + saved["code_bytes"]
     classes = saved["classes"]
     assert set(classes) == {"matrix", "embed", "control"}
@@ -162,7 +162,7 @@ def test_over_cap_exits_non_zero_and_keeps_the_file(tmp_path, capsys):
 
 def test_code_bytes_are_the_bundle_size(tmp_path):
     from pgolf.config import to_toml
-    from pgolf.singlefile import build_bundle_source, bundle_title, collect_modules
+    from pgolf.singlefile import build_bundle_source, bundle_code_bytes, bundle_title, collect_modules
 
     cfg = tiny_config(tmp_path)
     modules = collect_modules()
@@ -171,11 +171,11 @@ def test_code_bytes_are_the_bundle_size(tmp_path):
     for packed in (True, False):
         cfg.quant.packed_code = packed
         source = build_bundle_source(to_toml(cfg), bundle_title(cfg.preset), packed=packed)
-        assert code_bytes(cfg) == len(source.encode("utf-8"))
+        assert bundle_code_bytes(cfg) == len(source.encode("utf-8"))
     cfg.quant.packed_code = True
-    packed_size = code_bytes(cfg)
+    packed_size = bundle_code_bytes(cfg)
     cfg.quant.packed_code = False
-    assert packed_size < code_bytes(cfg) / 2
+    assert packed_size < bundle_code_bytes(cfg) / 2
 
 
 def test_quant_reserve_seconds(tmp_path):

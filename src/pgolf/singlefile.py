@@ -20,6 +20,10 @@ import base64
 import importlib.util
 import lzma
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pgolf.config import RunConfig
 
 import brotli
 
@@ -207,3 +211,12 @@ def bundle_title(preset: str) -> str:
 def build_bundle_source(config_toml: str, title: str, packed: bool = False) -> str:
     source = render_bundle(config_toml, title, minify=packed)
     return pack(source) if packed else source
+
+
+def bundle_code_bytes(cfg: RunConfig) -> int:
+    """Exact bytes of the single-file `train_gpt.py` that `pgolf bundle` emits for this RunConfig (packed or
+    not per quant.packed_code): the code a submission really carries, counted the way SPEC §4.7 counts it."""
+    from pgolf.config import to_toml
+
+    source = build_bundle_source(to_toml(cfg), bundle_title(cfg.preset), packed=cfg.quant.packed_code)
+    return len(source.encode("utf-8"))

@@ -1,8 +1,7 @@
 """pgolf.quant: calibration, GPTQ / SDClip quantization, the artifact container and size accounting (SPEC §4).
 
 `collect_hessians` (hessian.py), `gptq_quantize`, `sdclip_scales`, `rtn_quantize` (gptq.py), the per-tensor
-plan (scheme.py), `write_artifact` / `read_artifact` (artifact.py), `code_bytes` and
-`quant_reserve_seconds` (budget.py), `quantize_run` and `load_artifact_model` (pipeline.py).
+plan (scheme.py), `write_artifact` / `read_artifact` (artifact.py), `quant_reserve_seconds` (budget.py), `quantize_run` and `load_artifact_model` (pipeline.py).
 """
 
 from pgolf.quant.artifact import (
@@ -12,7 +11,7 @@ from pgolf.quant.artifact import (
     read_artifact,
     write_artifact,
 )
-from pgolf.quant.budget import code_bytes, estimate_quant_seconds, quant_reserve_seconds
+from pgolf.quant.budget import estimate_quant_seconds, quant_reserve_seconds
 from pgolf.quant.gptq import (
     dequantize,
     gptq_quantize,
@@ -38,7 +37,6 @@ __all__ = [
     "QuantizedTensor",
     "TensorPlan",
     "calibration_batches",
-    "code_bytes",
     "collect_hessians",
     "collect_run_hessians",
     "decode_artifact",

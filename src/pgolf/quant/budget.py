@@ -1,7 +1,7 @@
 """Size accounting against the cap (SPEC §4.7) and the time reserved for quantization inside training.
 
-Code bytes: the exact size of the single-file `train_gpt.py` the bundler emits for the run's config (see
-pgolf.singlefile: the import closure of the record entry point, embedded; packed per quant.packed_code).
+Code bytes are an input here: the caller knows what code ships with the artifact (a bundled train_gpt.py
+passes its own size; `pgolf run` / `pgolf quantize` pass pgolf.singlefile.bundle_code_bytes(cfg)).
 """
 
 from __future__ import annotations
@@ -31,18 +31,10 @@ RESERVE_FIXED_SECONDS = 2.0
 CUDA_MIN_RESERVE_SECONDS = 8.0
 
 
-def code_bytes(cfg: RunConfig) -> int:
-    """Exact bytes of the single-file `train_gpt.py` that `pgolf bundle` emits for this config (packed or not
-    per quant.packed_code): the code a submission really carries, counted the way SPEC §4.7 counts it."""
-    from pgolf.config import to_toml
-    from pgolf.singlefile import build_bundle_source, bundle_title
-
-    source = build_bundle_source(to_toml(cfg), bundle_title(cfg.preset), packed=cfg.quant.packed_code)
-    return len(source.encode("utf-8"))
-
-
 @dataclass(frozen=True)
 class SizeReport:
+    """Artifact + code against the cap; every number is given by the caller."""
+
     artifact_bytes: int
     code_bytes: int
     cap_bytes: int

@@ -16,10 +16,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> int:
+    from pgolf.config import load_run_config, validate
+    from pgolf.config.overrides import apply_sets
     from pgolf.quant.pipeline import OverCapError, quantize_run
+    from pgolf.singlefile import bundle_code_bytes
 
+    cfg = load_run_config(args.run_dir)
+    if args.sets:
+        apply_sets(cfg, args.sets)
+        validate(cfg)
     try:
-        quantize_run(args.run_dir, args.sets)
+        quantize_run(args.run_dir, args.sets, code_bytes=bundle_code_bytes(cfg))
     except OverCapError as err:
         print(f"pgolf quantize: over the cap: {err}", file=sys.stderr)
         return 1

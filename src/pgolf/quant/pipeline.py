@@ -1,6 +1,6 @@
 """RUN_DIR/model.pt -> RUN_DIR/model.ptz + quant.json (calibrate, quantize, write, account), and back.
 
-`quantize_run(run_dir)` loads config.toml and the EMA weights, collects Hessians on training data,
+`quantize_run(run_dir, code_bytes=N)` loads config.toml and the EMA weights, collects Hessians on training data,
 quantizes per the config, writes the artifact atomically, and checks artifact + code bytes against the
 cap. Over the cap the file is kept as model.over_cap.ptz (a stale model.ptz is removed), quant.json still
 records the numbers, and OverCapError is raised (the CLI exits non-zero).
@@ -20,7 +20,6 @@ from pgolf.config.overrides import apply_sets
 from pgolf.fileio import atomic_write_bytes, atomic_write_json
 from pgolf.quant.artifact import ArtifactError, encode_configured, read_artifact
 from pgolf.quant.budget import SizeReport
-from pgolf.quant.budget import code_bytes as bundle_code_bytes
 from pgolf.quant.codecs import check_codec_names
 from pgolf.quant.fit import FitError, fit_to_cap
 from pgolf.quant.hessian import collect_run_hessians
@@ -86,12 +85,13 @@ def quantize_run(
     run_dir: str | Path,
     sets: list[str] | None = None,
     verbose: bool = True,
-    code_bytes: int | None = None,
+    *,
+    code_bytes: int,
 ) -> dict[str, Any]:
     """Quantize a trained run directory; returns the quant.json dict (see the module docstring).
 
-    `code_bytes`: the size of the code that ships with the artifact when known (a bundled train_gpt.py
-    passes its own size); otherwise the size of the bundle `pgolf bundle` would emit for this config."""
+    `code_bytes`: the size of the code that ships with the artifact, supplied by the caller (a bundled
+    train_gpt.py passes its own size, `pgolf run` / `pgolf quantize` pgolf.singlefile.bundle_code_bytes)."""
     from pgolf.model import param_role
     from pgolf.runtime import init_distributed
 
@@ -120,11 +120,10 @@ def quantize_run(
         "matrix_bits": q.matrix_bits,
         "embed_bits": q.embed_bits,
     }
-    code = bundle_code_bytes(cfg) if code_bytes is None else code_bytes
     t0 = time.perf_counter()
     encoded = encode_configured(qtensors, q, meta)
     fit = None
-    budget = q.cap_bytes - (code if q.cap_counts_code else 0)
+    budget = q.cap_bytes - (code_bytes if q.cap_counts_code else 0)
     if q.fit_to_cap and len(encoded[0]) > budget:  # FitError (before eval) when it cannot fit
         log = print if verbose and dist.is_main else (lambda _: None)
         encode = lambda qts: encode_configured(qts, q, meta)
@@ -138,7 +137,7 @@ def quantize_run(
             raise
     blob, frame_bytes, groups = encoded
     compress_seconds = time.perf_counter() - t0
-    size = SizeReport(len(blob), code if q.cap_counts_code else 0, q.cap_bytes)
+    size = SizeReport(len(blob), code_bytes if q.cap_counts_code else 0, q.cap_bytes)
     report: dict[str, Any] = {
         "artifact_bytes": size.artifact_bytes,
         "code_bytes": size.code_bytes,
@@ -157,7 +156,7 @@ def quantize_run(
         "artifact": ARTIFACT_NAME if size.fits else OVER_CAP_NAME,
     }
     if not q.cap_counts_code:
-        report.update(code_bytes=code, total_bytes=size.artifact_bytes + code, cap_counts_code=False)
+        report.update(code_bytes=code_bytes, total_bytes=size.artifact_bytes + code_bytes, cap_counts_code=False)
     if fit is not None:
         report["fit"] = fit
     if not dist.is_main:

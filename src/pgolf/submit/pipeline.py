@@ -66,6 +66,10 @@ def _run_stages(
             f"continue with `pgolf run ... --resume`",
             SIGNAL_EXIT[reason],
         )
+    if code_bytes is None:
+        from pgolf.singlefile import bundle_code_bytes  # not bundled: a bundled run passes its own size
+
+        code_bytes = bundle_code_bytes(cfg)
     over_cap = None
     try:
         quantize_run(run_dir, verbose=verbose, code_bytes=code_bytes)
