@@ -82,6 +82,12 @@ ENV_KEYS: dict[str, str] = {
     "EMBED_CLIP_SIGMAS": "quant.embed_clip_sigmas",
     "HESSIAN_CLIP_LAMBDA": "quant.hessian_clip_lambda",
     "GPTQ_DAMP": "quant.gptq_damp",
+    "ATTN_CLIP_SIGMAS": "quant.attn_clip_sigmas",
+    "MLP_CLIP_SIGMAS": "quant.mlp_clip_sigmas",
+    "GATED_ATTN_QUANT_GATE": "quant.gate_int8",
+    "LQER_TOP_K": "quant.lqer_top_k",
+    "LQER_RANK": "quant.lqer_rank",
+    "LQER_ASYM_GROUP": "quant.lqer_group",
     # test-time training and n-gram tilt
     "TTT_LR": "eval.ttt_lr",
     "TTT_EPOCHS": "eval.ttt_epochs",

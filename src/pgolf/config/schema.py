@@ -140,6 +140,16 @@ class QuantConfig:
     reorder_groups: list[str] = field(default_factory=lambda: ["embed", "attn.c_q", "mlp.fc"])
     fit_to_cap: bool = False  # over the cap: coarsen the cheapest code groups until it fits (quant/fit.py)
     cap_counts_code: bool = True  # False: the cap bounds model.ptz alone (cpu-golf v2, SPEC §11.0)
+    # Per-tensor rules (pgolf.quant.rules): 0 = the class default, i.e. the plan of the record presets.
+    attn_clip_sigmas: float = 0.0  # ATTN_CLIP_SIGMAS; 0 = matrix_clip_sigmas
+    mlp_clip_sigmas: float = 0.0  # MLP_CLIP_SIGMAS; 0 = matrix_clip_sigmas
+    head_bits: int = 0  # untied lm_head bits; 0 = embed_bits
+    head_clip_sigmas: float = 0.0  # untied lm_head clip; 0 = embed_clip_sigmas
+    clip_mode: str = "sigma"  # sigma (k as given) | step (k scaled with the width) | search (k per tensor)
+    gate_int8: bool = False  # GATED_ATTN_QUANT_GATE: .attn_gate_w int8 per row (SPEC-1855 §4.3)
+    lqer_top_k: int = 0  # LQER_TOP_K; 0 = no LQER correction (SPEC-1855 §4.4)
+    lqer_rank: int = 4  # LQER_RANK
+    lqer_group: int = 64  # LQER_ASYM_GROUP
 
 
 @dataclass
@@ -201,6 +211,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "quant.compressor": ("brotli", "lzma", "zstd", "zlib", "pergroup"),
     "quant.shuffle": ("none", "bshf2", "planes"),
     "quant.method": ("gptq", "rtn"),
+    "quant.clip_mode": ("sigma", "step", "search"),
 }
 @dataclass(frozen=True)
 class Range:

@@ -63,6 +63,11 @@ def sdclip_scales(
     return _as_fp16_scale(clip, bits)
 
 
+def absmax_scales(W: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-row scales max|W_r| / R (the attention gate's int8 storage, SPEC-1855 §4.3)."""
+    return _as_fp16_scale(W.float().abs().amax(dim=-1), bits)
+
+
 def percentile_clip_scales(W: torch.Tensor, bits: int, percentile: float) -> torch.Tensor:
     """The baseline's export (SPEC §8): per-row clip at the `percentile` of |W_r|, scale = clip / R."""
     if not 0.0 < percentile <= 100.0:

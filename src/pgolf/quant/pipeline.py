@@ -24,7 +24,8 @@ from pgolf.quant.codecs import check_codec_names
 from pgolf.quant.fit import FitError, fit_to_cap
 from pgolf.quant.hessian import collect_run_hessians
 from pgolf.quant.pergroup import check_reorder_groups
-from pgolf.quant.scheme import QuantizedTensor, dequantize_state_dict, quantize_state_dict
+from pgolf.quant.rules import rules_from_config
+from pgolf.quant.scheme import QuantizedTensor, dequantize_state_dict, lqer_tensors, quantize_state_dict
 
 ARTIFACT_NAME = rundir.ARTIFACT
 OVER_CAP_NAME = rundir.OVER_CAP_ARTIFACT
@@ -102,6 +103,7 @@ def quantize_run(
         validate(cfg)
     if cfg.quant.compressor == "pergroup":
         check_codec_names(cfg.quant.codecs)
+    rules_from_config(cfg.quant)  # a bad rule field fails here, before calibration
     dist = init_distributed(cfg.train.device)
     model = load_trained_model(run_dir, cfg, dist.device)
     if cfg.quant.compressor == "pergroup":
@@ -159,6 +161,10 @@ def quantize_run(
         report.update(code_bytes=code_bytes, total_bytes=size.artifact_bytes + code_bytes, cap_counts_code=False)
     if fit is not None:
         report["fit"] = fit
+    if q.lqer_top_k:
+        report["lqer"] = lqer_tensors(qtensors)
+    if q.clip_mode == "search":
+        report["clip_search"] = {n: round(qt.clip_sigmas, 4) for n, qt in qtensors.items() if qt.clip_sigmas}
     if not dist.is_main:
         return report
 
