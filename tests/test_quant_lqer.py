@@ -129,3 +129,15 @@ def test_lqer_reduces_the_error_of_a_trained_checkpoint(trained_run):
     model = load_artifact_model(run / "model.ptz", cfg)
     for name in report["lqer"]:
         torch.testing.assert_close(model.state_dict()[name].float(), corrected[name].float(), rtol=0, atol=0)
+
+
+def test_storage_of_the_record_shapes():
+    """SPEC-1855 §4.4 storage: tok_emb 8192x512 -> A 32,768 B + B 2,048 B + 33 fp16 scales; mlp.fc 2048x512
+    -> A 8,192 + B 2,048 + 33; defaults rank 4, groups of 64 (LQER_RANK, LQER_ASYM_GROUP)."""
+    q = QuantConfig()
+    assert (q.lqer_rank, q.lqer_group, q.lqer_top_k) == (4, 64, 0)  # off unless a preset sets LQER_TOP_K=3
+    g = torch.Generator().manual_seed(0)
+    for rows, a_bytes in ((8192, 32_768), (2048, 8_192)):
+        f = lqer_factors(torch.randn(rows, 512, generator=g), q.lqer_rank, q.lqer_group)
+        assert (f.qa.numel() * f.qa.element_size(), f.qb.numel() * f.qb.element_size()) == (a_bytes, 2_048)
+        assert f.sa.numel() + f.sb.numel() == 33

@@ -153,6 +153,9 @@ def pr1855_like_state() -> dict[str, torch.Tensor]:
         "blocks.1.attn.attn_gate_w": torch.randn(4, 4),  # 16 elements: below the gate rule's 32
         "blocks.2.attn.attn_gate_w": torch.randn(128, 128),  # 16,384 elements: above its 8,192
         "blocks.3.attn.gate_w": torch.randn(8, 12),  # does not end with .attn_gate_w
+        "blocks.4.attn.attn_gate_w": torch.randn(4, 8),  # 32 elements: the lower bound, included
+        "blocks.5.attn.attn_gate_w": torch.randn(64, 128),  # 8,192 elements: the upper bound, included
+        "blocks.6.attn.attn_gate_w": torch.randn(1, 31),  # 31 elements: excluded
     }
 
 
@@ -165,8 +168,9 @@ def test_pr1855_rules_per_class_clips_int7_embedding_and_gate():
     assert plans["blocks.0.lane.weight"].clip_sigmas == 12.85 and plans["blocks.0.lane.weight"].rule.name == "matrix"
     gate = plans["blocks.0.attn.attn_gate_w"]
     assert (gate.scheme, gate.bits, gate.rule.method) == ("int8", 8, "int8-row")
-    for name in ("blocks.1.attn.attn_gate_w", "blocks.2.attn.attn_gate_w", "blocks.3.attn.gate_w"):
+    for name in ("blocks.1.attn.attn_gate_w", "blocks.2.attn.attn_gate_w", "blocks.3.attn.gate_w", "blocks.6.attn.attn_gate_w"):
         assert plans[name].scheme == "fp16", name
+    assert plans["blocks.4.attn.attn_gate_w"].scheme == plans["blocks.5.attn.attn_gate_w"].scheme == "int8"
     assert plans["smear_gate.weight"].scheme == plans["smear_lambda"].scheme == "fp16"
     # step in σ units (SPEC-1855 §4.2): MLP 11.5/31 = 0.371σ, attention 0.419σ, embedding 14/63 = 0.222σ
     assert [round(plans[n].clip_sigmas / (2 ** (plans[n].bits - 1) - 1), 3) for n in (
@@ -245,3 +249,15 @@ def test_quantize_explain_prints_each_tensor_rule(tmp_path, capsys):
     assert "embedding" in emb and "7" in emb and f"{20.0 * 63 / 127:.4g}" in emb  # int7, step-scaled k
     assert "passthrough:" in lines["blocks.0.attn_scale"]
     assert not (tmp_path / "model.ptz").exists()  # --explain quantizes nothing
+
+
+def test_record_env_vars_set_the_rule_fields():
+    from pgolf.config.env import apply_env
+
+    cfg = preset("pr1394")
+    env = {"ATTN_CLIP_SIGMAS": "13.0", "MLP_CLIP_SIGMAS": "11.5", "GATED_ATTN_QUANT_GATE": "1", "LQER_TOP_K": "3",
+           "LQER_RANK": "4", "LQER_ASYM_GROUP": "64"}
+    assert sorted(apply_env(cfg, env)) == sorted(env)
+    q = cfg.quant
+    assert (q.attn_clip_sigmas, q.mlp_clip_sigmas, q.gate_int8, q.lqer_top_k, q.lqer_rank, q.lqer_group) == (
+        13.0, 11.5, True, 3, 4, 64)
