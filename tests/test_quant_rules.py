@@ -175,6 +175,8 @@ def test_pr1855_rules_per_class_clips_int7_embedding_and_gate():
     # step in σ units (SPEC-1855 §4.2): MLP 11.5/31 = 0.371σ, attention 0.419σ, embedding 14/63 = 0.222σ
     assert [round(plans[n].clip_sigmas / (2 ** (plans[n].bits - 1) - 1), 3) for n in (
         "blocks.0.mlp.fc.weight", "blocks.0.attn.c_q.weight", "tok_emb.weight")] == [0.371, 0.419, 0.222]
+    from_preset = {p.name: (p.scheme, p.clip_sigmas) for p in plan_tensors(state, preset("pr1855").quant, param_role)}
+    assert from_preset == {n: (p.scheme, p.clip_sigmas) for n, p in plans.items()}  # the pr1855 preset's table
     # without the switch the gate is an fp16 passthrough like the other small tensors
     off = {p.name: p for p in plan_tensors(state, QuantConfig(passthrough="size"), param_role)}
     assert off["blocks.0.attn.attn_gate_w"].scheme == "fp16"
