@@ -38,7 +38,7 @@ def test_fit_brings_a_smoke_run_under_a_tiny_cap_and_logs_each_change(tmp_path, 
         encode_configured(quantize_state_dict(model.state_dict(), {}, cfg.quant, param_role), cfg.quant)[0]
     )
     cap = int(free * 0.9)
-    report = quantize_run(run, sets=[f"quant.cap_bytes={cap}"])
+    report = quantize_run(run, sets=[f"quant.cap_bytes={cap}"], code_bytes=0)
     size = (run / "model.ptz").stat().st_size
     assert report["artifact_bytes"] == size <= cap < free and report["fits"]
     saved = json.loads((run / "quant.json").read_text())

@@ -12,6 +12,7 @@ from pgolf.config.schema import QuantConfig
 from pgolf.fileio import atomic_write_text
 from pgolf.model import GPT, param_role
 from pgolf.quant import gptq_quantize, percentile_clip_scales, quant_error, rtn_quantize, sdclip_scales
+from pgolf.quant.artifact import decode_artifact, encode_artifact
 from pgolf.quant.gptq import dequantize
 from pgolf.quant.rules import CLIP_SEARCH_FACTORS, rules_from_config
 from pgolf.quant.scheme import QuantizedTensor, plan_tensors, quantize_state_dict
@@ -188,6 +189,9 @@ def test_gate_int8_per_head_scale():
     out = quantize_state_dict(state, {}, QuantConfig(**{**pr1855_quant().__dict__, "method": "rtn"}), param_role)
     W = state["blocks.0.attn.attn_gate_w"]
     qt = out["blocks.0.attn.attn_gate_w"]
+    back, _ = decode_artifact(encode_artifact(out, "pergroup")[0])  # the per-group container keeps it
+    assert torch.equal(back["blocks.0.attn.attn_gate_w"].data, qt.data)
+    assert torch.equal(back["blocks.0.attn.attn_gate_w"].scale, qt.scale)
     expected_s = (W.abs().amax(dim=1) / 127).to(torch.float16)
     assert qt.scale.dtype == torch.float16 and torch.equal(qt.scale, expected_s)
     assert torch.equal(qt.data, torch.clamp(torch.round(W / expected_s.float()[:, None]), -127, 127).to(torch.int8))
@@ -233,6 +237,8 @@ def test_bad_rule_fields_are_one_line_errors():
         ({"head_bits": 9}, "quant.head_bits=9"),
         ({"mlp_clip_sigmas": -1.0}, "quant.mlp_clip_sigmas=-1.0"),
         ({"lqer_rank": 0}, "quant.lqer_rank=0"),
+        ({"fit_to_cap": True, "lqer_top_k": 3}, "quant.fit_to_cap"),
+        ({"fit_to_cap": True, "mlp_clip_sigmas": 11.5}, "quant.fit_to_cap"),
     ):
         with pytest.raises(ValueError, match=match):
             plan_tensors(state, QuantConfig(**kw), param_role)
