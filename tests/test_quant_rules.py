@@ -269,3 +269,21 @@ def test_record_env_vars_set_the_rule_fields():
     q = cfg.quant
     assert (q.attn_clip_sigmas, q.mlp_clip_sigmas, q.gate_int8, q.lqer_top_k, q.lqer_rank, q.lqer_group) == (
         13.0, 11.5, True, 3, 4, 64)
+
+
+def test_pr1855_model_plan():
+    """On the real pr1855 model: the 11 sparse gates (8 heads x window 12 = 96 elements) int8 per row, the
+    SmearGate fp16, the per-class clips and the int7 embedding, LQER candidates among the GPTQ'd tensors."""
+    cfg = preset("pr1855")
+    with torch.device("meta"):
+        state = GPT(cfg.model).state_dict()
+    plans = {p.name: p for p in plan_tensors(state, cfg.quant, param_role)}
+    gates = [n for n in plans if n.endswith(".attn_gate_w")]
+    assert len(gates) == 11 and all(plans[n].rule.method == "int8-row" and plans[n].bits == 8 for n in gates)
+    assert tuple(state[gates[0]].shape) == (8, 12)
+    assert all(plans[n].scheme == "fp16" for n in plans if "smear" in n)
+    assert (plans["tok_emb.weight"].bits, plans["tok_emb.weight"].clip_sigmas) == (7, 14.0)
+    ks = {n.split(".", 2)[2]: p.clip_sigmas for n, p in plans.items() if n.startswith("blocks.0.") and p.scheme == "int6"}
+    assert ks == {"attn.c_q.weight": 13.0, "attn.c_k.weight": 13.0, "attn.c_v.weight": 13.0, "attn.proj.weight": 13.0,
+                  "mlp.fc.weight": 11.5, "mlp.proj.weight": 11.5}
+    assert sum(p.rule.lqer for p in plans.values() if p.scheme.startswith("int") and p.rule.method == "gptq") == 67
