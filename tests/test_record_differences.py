@@ -27,7 +27,8 @@ def test_passthrough_by_role_is_the_records_size_rule_on_record_shapes(name):
     cfg.quant.passthrough = "size"
     size = plan_tensors(state, cfg.quant, param_role)
     assert [(p.name, p.scheme) for p in role] == [(p.name, p.scheme) for p in size]
-    assert sum(p.scheme.startswith("int") for p in role) == 6 * cfg.model.num_layers + 1  # + tok_emb
+    gptq = [p for p in role if p.scheme.startswith("int") and p.rule.method != "int8-row"]  # pr1855's gates aside
+    assert len(gptq) == 6 * cfg.model.num_layers + 1  # + tok_emb
 
 
 def test_averaged_hessians_are_the_hessians_of_every_ranks_batches():
