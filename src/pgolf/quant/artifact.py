@@ -114,6 +114,21 @@ def decompress(data: bytes, compressor: str) -> bytes:
     return zlib.decompress(data)
 
 
+def _entry(qt: QuantizedTensor, layout: str, **where: Any) -> dict[str, Any]:
+    """A tensor's header entry: what it is, how its bytes are laid out, and where they are (`where`)."""
+    return {
+        "name": qt.name,
+        "class": qt.cls,
+        "scheme": qt.scheme,
+        "bits": qt.bits,
+        "dtype": dtype_name(qt.dtype),
+        "shape": list(qt.data.shape),
+        "storage": dtype_name(qt.data.dtype),
+        "layout": layout,
+        **where,
+    }
+
+
 def encode_artifact(
     qtensors: Mapping[str, QuantizedTensor],
     compressor: str = "brotli",
@@ -142,20 +157,7 @@ def encode_artifact(
         for qt in members:
             layout = fp16_layout if qt.data.dtype == torch.float16 else "plain"
             raw = to_bytes(qt.data, layout)
-            entries.append(
-                {
-                    "name": qt.name,
-                    "class": qt.cls,
-                    "scheme": qt.scheme,
-                    "bits": qt.bits,
-                    "dtype": dtype_name(qt.dtype),
-                    "shape": list(qt.data.shape),
-                    "storage": dtype_name(qt.data.dtype),
-                    "layout": layout,
-                    "offset": offset + len(section),
-                    "nbytes": len(raw),
-                }
-            )
+            entries.append(_entry(qt, layout, offset=offset + len(section), nbytes=len(raw)))
             section += raw
         for qt, entry in zip(members, entries[-len(members) :]):
             if qt.scale is None:
@@ -226,17 +228,7 @@ def encode_pergroup(
     for qt in qtensors.values():
         group = group_of(qt)
         layout = fp16_layout if qt.data.dtype == torch.float16 else "plain"
-        entry = {
-            "name": qt.name,
-            "class": qt.cls,
-            "scheme": qt.scheme,
-            "bits": qt.bits,
-            "dtype": dtype_name(qt.dtype),
-            "shape": list(qt.data.shape),
-            "storage": dtype_name(qt.data.dtype),
-            "layout": "colmajor" if group != REMAINDER else layout,
-            "group": group,
-        }
+        entry = _entry(qt, "colmajor" if group != REMAINDER else layout, group=group)
         if group == REMAINDER:
             remainder += to_bytes(qt.data, layout)
         else:
