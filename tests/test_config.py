@@ -241,11 +241,13 @@ def test_validate_checks_configs_built_in_python():
 
 def test_implementations_accept_exactly_the_declared_choices():
     """The config is the one list of allowed names; each stage that dispatches on one must know all of them."""
+    from pgolf.model.backend import BACKENDS
     from pgolf.model.gpt import PARALLEL_MODES
     from pgolf.optim.muon import NS_DTYPES
     from pgolf.quant.artifact import COMPRESSORS, SHUFFLES
 
     assert set(PARALLEL_MODES) == set(CHOICES["model.parallel_mode"])
+    assert set(BACKENDS) == set(CHOICES["model.attention_backend"])
     assert set(COMPRESSORS) == set(CHOICES["quant.compressor"])
     assert set(SHUFFLES) == set(CHOICES["quant.shuffle"])
     assert set(NS_DTYPES) | {"auto"} == set(CHOICES["optim.muon_ns_dtype"])

@@ -89,12 +89,9 @@ class Documents:
         return Documents(index, torch.cat((flat, total)).to(torch.int32), ids.size(1))
 
 
-# CPU inference: SDPA's CPU kernel does not skip the masked upper triangle at T = 512 (no-grad
-# [32,4,512,24] bf16: causal 33.3 ms, full 34.0 ms). Splitting the queries into blocks of this many, each
-# over the keys it can see, removes part of that work. cpu-golf shapes ([B,512,4,24], ms per sequence and
-# layer, best of 5): B=32 bf16 1.32 -> 1.08, fp32 1.02 -> 0.81; blocks of 64 or 128 gained less at B=32 and
-# cost up to 40% at B=1, where 256 is neutral. Training keeps the single call: isolated fwd+bwd at B=16 bf16
-# ran 64 -> 57 ms with blocks of 256, but the split is not measured on the train step yet.
+# CPU inference: SDPA's CPU kernel does not skip the masked upper triangle, so the queries are split into
+# blocks of this many, each over the keys it can see; smaller blocks cost more at batch 1. Training keeps the
+# single call. Measurements: docs/performance.md.
 CPU_QUERY_BLOCK = 256
 
 

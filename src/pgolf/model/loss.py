@@ -25,9 +25,9 @@ try:  # the CUDA kernels of softcapped_cross_entropy; absent where Triton is not
 except ImportError:  # pragma: no cover - depends on the machine
     triton_ce = None
 
-# Rows per chunk = CHUNK_ELEMENTS // vocab. CPU: 16 MB of fp32 logits (512 rows at V=8192), the fastest of
-# 2^18..2^24 measured at 16,384 x 256 x 8192 (smaller chunks make the per-chunk matmuls and the dW
-# read-modify-write dominate). GPUs prefer few big kernels.
+# Rows per chunk = CHUNK_ELEMENTS // vocab. CPU: 16 MB of fp32 logits (512 rows at V=8192); smaller chunks
+# make the per-chunk matmuls and the dW read-modify-write dominate (docs/performance.md). GPUs prefer few big
+# kernels.
 CPU_CHUNK_ELEMENTS = 1 << 22
 GPU_CHUNK_ELEMENTS = 1 << 27
 

@@ -14,13 +14,10 @@ import torch
 from pgolf.config.schema import RunConfig
 
 # What the reserve covers: calibration and GPTQ, the work the records' GPTQ_RESERVE_SECONDS stands for.
-# Serialising and compressing the artifact comes after the training clock, as in the records (SPEC §9.9):
-# brotli-11 is single-threaded and ran at ~0.3 MB/s of int8 payload on this CPU, so counting it would
-# reserve ~2 minutes of a full-size run (36M weights); on cpu-golf it is 3 s, and pipeline reports it.
-# Modelled GPTQ cost, calibrated on this project's 2-core CPU (AMD EPYC, AVX2, torch 2.13, fp32) when idle:
-# the full pr1541 GPTQ (66 matrices + 8192x512 embedding, 285 GFLOP modelled, 4,096 swept columns) took
-# 6.6 s wall (benchmarks/quant.py); these constants model it at ~2x that, and the reserve adds RESERVE_SAFETY
-# on top. CUDA numbers are deliberately conservative (the column sweep is launch-bound there).
+# Serialising and compressing the artifact comes after the training clock, as in the records (SPEC §9.9),
+# except where the track counts it (see quant_reserve_seconds). The GPTQ cost model is calibrated on a
+# 2-core CPU at about twice the measured time (docs/performance.md), with RESERVE_SAFETY on top; the CUDA
+# numbers are deliberately conservative (the column sweep is launch-bound there).
 GPTQ_FLOPS_PER_SECOND = {"cpu": 30e9, "cuda": 2e12}
 GPTQ_SECONDS_PER_COLUMN = {"cpu": 1e-3, "cuda": 1e-3}
 RESERVE_SAFETY = 1.5
