@@ -367,7 +367,7 @@ def test_pr1855_holds_the_run_values_of_spec_1855_section_6():
         q.matrix_clip_sigmas,
         q.calibration_batches,
     ) == (6, 7, 14.0, 12.85, 16)
-    assert c.eval.plan == ["prequant", "quant"]  # no sliding eval in #1855 (SPEC-1855 part B §3.1)
+    assert c.eval.plan == ["prequant", "quant", "lora_ttt"]  # no sliding eval in #1855 (SPEC-1855 part B §3.1)
     assert (m.smear_gate, m.sparse_attn_gate, m.sparse_attn_gate_scale, m.gate_window) == (True, True, 0.5, 12)
     assert (m.rope_ntk_len, m.doc_attention, m.fused_ce) == (0, True, True)
 

@@ -92,7 +92,7 @@ def pr1855() -> RunConfig:
     q.embed_bits, q.embed_clip_sigmas, q.calibration_batches = 7, 14.0, 16
     q.compressor = "pergroup"  # SPEC-1855 §5 with library codecs (no lrzip binary)
     q.attn_clip_sigmas, q.mlp_clip_sigmas, q.gate_int8, q.lqer_top_k = 13.0, 11.5, True, 3  # SPEC-1855 §4
-    cfg.eval.plan = ["prequant", "quant"]  # #1855 runs no sliding eval; its phased LoRA TTT is not in pgolf yet
+    cfg.eval.plan = ["prequant", "quant", "lora_ttt"]  # no sliding eval; phased LoRA TTT at the §3.6 defaults
     return cfg
 
 

@@ -179,6 +179,26 @@ class EvalConfig:
     ngram_word_threshold: float = 0.8  # NGRAM_WORD_THRESHOLD
     ngram_word_beta: float = 0.0  # NGRAM_WORD_BETA
     ngram_expert_table_bits: int = 20  # slots per expert table (2^20 in #1557)
+    # Phased score-first TTT with per-document LoRA (mode lora_ttt; SPEC-1855 part B §3.3-3.6 run values)
+    lora_ttt_rank: int = 80  # TTT_LORA_RANK
+    lora_ttt_alpha: float = 144.0  # TTT_LORA_ALPHA
+    lora_ttt_lr: float = 1e-4  # TTT_LORA_LR
+    lora_ttt_beta1: float = 0.0  # TTT_BETA1
+    lora_ttt_beta2: float = 0.99  # TTT_BETA2
+    lora_ttt_eps: float = 1e-10
+    lora_ttt_weight_decay: float = 0.5  # TTT_WEIGHT_DECAY
+    lora_ttt_chunk: int = 48  # TTT_CHUNK_SIZE: targets scored per chunk (then one AdamW step)
+    lora_ttt_context: int = 2048  # TTT_EVAL_SEQ_LEN: most tokens of its own document a chunk sees
+    lora_ttt_batch_docs: int = 64  # TTT_BATCH_SIZE: documents per batch (one adapter each)
+    lora_ttt_seed: int = 0  # the adapters' A initialisation
+    phased_num_phases: int = 3  # PHASED_TTT_NUM_PHASES (0 = no global SGD)
+    phased_prefix_docs: int = 2500  # PHASED_TTT_PREFIX_DOCS
+    phased_prefix_frac: float = 0.05  # and at most this fraction of the val documents (0 = no limit)
+    phased_lr: float = 1e-3  # GLOBAL_TTT_LR
+    phased_momentum: float = 0.9  # GLOBAL_TTT_MOMENTUM
+    phased_chunk_tokens: int = 32_768  # GLOBAL_TTT_CHUNK_TOKENS
+    phased_batch_seqs: int = 32  # GLOBAL_TTT_BATCH_SEQS
+    phased_grad_clip: float = 1.0  # GLOBAL_TTT_GRAD_CLIP
 
 
 @dataclass
@@ -313,6 +333,25 @@ RANGES: dict[str, Range] = {
     "eval.ttt_freeze_blocks": NON_NEGATIVE,
     "eval.ttt_batch_seqs": POSITIVE,
     "eval.ttt_grad_clip": NON_NEGATIVE,
+    "eval.lora_ttt_rank": POSITIVE,
+    "eval.lora_ttt_alpha": NON_NEGATIVE,
+    "eval.lora_ttt_lr": NON_NEGATIVE,
+    "eval.lora_ttt_beta1": DECAY,
+    "eval.lora_ttt_beta2": DECAY,
+    "eval.lora_ttt_eps": POSITIVE,
+    "eval.lora_ttt_weight_decay": NON_NEGATIVE,
+    "eval.lora_ttt_chunk": POSITIVE,
+    "eval.lora_ttt_context": POSITIVE,
+    "eval.lora_ttt_batch_docs": POSITIVE,
+    "eval.lora_ttt_seed": NON_NEGATIVE,
+    "eval.phased_num_phases": NON_NEGATIVE,
+    "eval.phased_prefix_docs": NON_NEGATIVE,
+    "eval.phased_prefix_frac": FRACTION,
+    "eval.phased_lr": NON_NEGATIVE,
+    "eval.phased_momentum": DECAY,
+    "eval.phased_chunk_tokens": POSITIVE,
+    "eval.phased_batch_seqs": POSITIVE,
+    "eval.phased_grad_clip": NON_NEGATIVE,
     "eval.ngram_base_beta": NON_NEGATIVE,
     "eval.ngram_agree_bonus": NON_NEGATIVE,
     "eval.ngram_min_order": POSITIVE,

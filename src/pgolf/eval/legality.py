@@ -11,6 +11,10 @@ probe positions):
   C4 single pass    every target is scored exactly once.
 A mode is a `ModeRunner(tokens, trace)`; the tests inject deliberately illegal runners to show each check
 fails on its violation.
+A mode that consumes the stream in its own order (lora_ttt: documents batched by length, a schedule read
+from the document segmentation alone) states C1 in that order: its `pass_order` lists the target positions
+in the order it scores them, "before t" means earlier in that order, and the perturbation keeps the
+segmentation (BOS tokens stay, no new BOS appears) so that the schedule is the same in both runs.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 import torch
 
 from pgolf.eval.score import EvalTrace
+from pgolf.model.layers import BOS_ID
 
 ModeRunner = Callable[[torch.Tensor, EvalTrace], None]
 CHECKS = ("C1", "C2", "C3", "C4")
@@ -116,6 +121,21 @@ def perturb_from(tokens: torch.Tensor, t: int, vocab_size: int, seed: int) -> to
     return out
 
 
+def perturb_keeping_documents(tokens: torch.Tensor, positions: np.ndarray, vocab_size: int, seed: int
+                              ) -> torch.Tensor:  # fmt: skip
+    """Copy of tokens with every non-BOS token at `positions` replaced by a different non-BOS id."""
+    gen = torch.Generator().manual_seed(seed)
+    out = tokens.clone()
+    pos = torch.from_numpy(np.asarray(positions, np.int64))
+    pos = pos[tokens[pos] != BOS_ID]
+    # a random id among the vocab_size - 2 that are neither the old token nor BOS
+    new = torch.randint(0, vocab_size - 2, (pos.numel(),), generator=gen)
+    lo, hi = torch.minimum(tokens[pos], torch.tensor(BOS_ID)), torch.maximum(tokens[pos], torch.tensor(BOS_ID))
+    new = new + (new >= lo).long()
+    out[pos] = new + (new >= hi).long()
+    return out
+
+
 def check_causality(
     run_mode: ModeRunner,
     tokens: torch.Tensor,
@@ -124,14 +144,23 @@ def check_causality(
     vocab_size: int,
     seed: int = 0,
     atol: float = 1e-5,
+    order: np.ndarray | None = None,
 ) -> tuple[bool, str]:
-    """C1 at each t in `positions`: re-run on tokens perturbed from t on; compare with the base run."""
+    """C1 at each t in `positions`: re-run on tokens perturbed from t on (in `order` when the mode has
+    one, see the module doc); compare with the base run."""
     base_scores = first_scores(base)
     for i, t in enumerate(positions):
-        trace = traced_run(run_mode, perturb_from(tokens, t, vocab_size, seed + i), [t])
+        if order is None:
+            earlier = range(1, t)
+            perturbed = perturb_from(tokens, t, vocab_size, seed + i)
+        else:
+            at = int(np.flatnonzero(order == t)[0])
+            earlier = order[:at].tolist()
+            perturbed = perturb_keeping_documents(tokens, order[at:], vocab_size, seed + i)
+        trace = traced_run(run_mode, perturbed, [t])
         scores = first_scores(trace)
         changed = [
-            p for p in range(1, t) if not abs(scores.get(p, np.inf) - base_scores.get(p, -np.inf)) <= atol
+            p for p in earlier if not abs(scores.get(p, np.inf) - base_scores.get(p, -np.inf)) <= atol
         ]
         if changed:
             return (
@@ -150,11 +179,13 @@ def check_causality(
     return True, f"{len(positions)} perturbations (t = {', '.join(map(str, positions))})"
 
 
-def pick_positions(tokens: torch.Tensor, candidates: np.ndarray | None, count: int, seed: int) -> list[int]:
-    """`count` positions in the second half of the stream, preferring `candidates` (e.g. hinted positions)."""
+def pick_positions(tokens: torch.Tensor, candidates: np.ndarray | None, count: int, seed: int,
+                   order: np.ndarray | None = None) -> list[int]:  # fmt: skip
+    """`count` positions in the second half of the stream (of `order`, when given), preferring `candidates`
+    (e.g. hinted positions)."""
     n = tokens.numel()
     rng = np.random.default_rng(seed)
-    pool = np.arange(n // 2, n)
+    pool = np.arange(n // 2, n) if order is None else order[order.size // 2 :]
     if candidates is not None:
         hinted = np.asarray(candidates)
         hinted = hinted[(hinted >= n // 2) & (hinted < n)]
@@ -173,12 +204,14 @@ def run_checks(
     num_perturbations: int = 2,
     num_probes: int = 16,
     seed: int = 0,
+    order: np.ndarray | None = None,
 ) -> list[CheckResult]:
-    """C1-C4 for one mode: one traced base run with probes, then one run per perturbation."""
-    probes = pick_positions(tokens, candidates, num_probes, seed)
+    """C1-C4 for one mode: one traced base run with probes, then one run per perturbation. `order`: the
+    mode's pass order of the target positions (None: the stream's)."""
+    probes = pick_positions(tokens, candidates, num_probes, seed, order)
     base = traced_run(run_mode, tokens, probes)
     out = []
-    c1 = check_causality(run_mode, tokens, base, probes[:num_perturbations], vocab_size, seed)
+    c1 = check_causality(run_mode, tokens, base, probes[:num_perturbations], vocab_size, seed, order=order)
     for name, (ok, detail) in zip(
         CHECKS,
         (
@@ -215,6 +248,7 @@ def check_run(run_dir, sets: list[str] | None = None, seq_windows: int = 4) -> l
 
     from pgolf.config import load_run_config
     from pgolf.config.overrides import apply_sets
+    from pgolf.eval.modes import MODES, entry_point
     from pgolf.eval.run_eval import EvalContext, build_transform, load_eval_data, plan_passes, run_pass
     from pgolf.eval.score import Budget
     from pgolf.runtime import dist_info
@@ -231,6 +265,11 @@ def check_run(run_dir, sets: list[str] | None = None, seq_windows: int = 4) -> l
     e.ttt_chunk_tokens = max(e.stride, (tokens.numel() // 4) // e.stride * e.stride)
     e.ngram_table_bits = min(e.ngram_table_bits, 18)
     e.ngram_expert_table_bits = min(e.ngram_expert_table_bits, 18)
+    # lora_ttt: several batches and all its global phases, each of several SGD chunks, in the short stream
+    num_docs = int((tokens[:-1] == BOS_ID).sum()) + 1
+    e.lora_ttt_batch_docs = max(1, min(e.lora_ttt_batch_docs, num_docs // 4))
+    e.phased_prefix_docs, e.phased_prefix_frac = num_docs, 0.5
+    e.phased_chunk_tokens = max(e.lora_ttt_chunk, tokens.numel() // 8)
     check_cfg.train.compile = "off"
     print(
         f"check {run_dir}: {tokens.numel():,}-token check stream, TTT chunks of {e.ttt_chunk_tokens} tokens"
@@ -250,6 +289,8 @@ def check_run(run_dir, sets: list[str] | None = None, seq_windows: int = 4) -> l
             # probe where the transform acts (an n-gram tilt's hinted positions)
             hints = getattr(build_transform(ctx, mode)[0], "hints", None) if tilted else None
             cands = np.nonzero(np.asarray(hints) >= 0)[0] if hints is not None else None
-            results += run_checks(mode, runner, tokens, cfg.model.vocab_size, candidates=cands)
+            spec = MODES[mode]
+            order = entry_point(spec.pass_order)(tokens, e) if spec.pass_order else None
+            results += run_checks(mode, runner, tokens, cfg.model.vocab_size, candidates=cands, order=order)
     print(format_table(results))
     return results

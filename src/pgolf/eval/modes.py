@@ -26,6 +26,8 @@ class EvalMode:
     takes_transform: bool = False  # its pass can carry a transform mode
     transform: str = ""  # "module:function" of a transform mode's builder
     carrier: str = ""  # the pass a transform mode rides on when the plan has no transform-taking mode
+    pass_order: str = ""  # "module:function" (tokens, EvalConfig) -> target positions in the order scored,
+    # for a mode that does not score left to right (the legality check C1 is stated in that order)
 
 
 # In plan order: the summary's score is the last mode of this order that ran.
@@ -36,6 +38,14 @@ MODES: dict[str, EvalMode] = {
         EvalMode("quant", "quant_bpb", "quantized", "quant", "pgolf.eval.score:nonoverlap_mode"),
         EvalMode("sliding", "sliding_bpb", "sliding", "quant", "pgolf.eval.score:sliding_mode", True),
         EvalMode("ttt", "ttt_bpb", "TTT", "quant", "pgolf.eval.ttt:eval_ttt", True),
+        EvalMode(
+            "lora_ttt",
+            "lora_ttt_bpb",
+            "phased LoRA TTT",
+            "quant",
+            "pgolf.eval.lora_ttt:eval_lora_ttt",
+            pass_order="pgolf.eval.lora_ttt:pass_order",
+        ),
         EvalMode(
             "ngram",
             "ngram_bpb",

@@ -203,15 +203,26 @@ class Scorer:
         run on positions first.. only, and every per-position tensor is cut to those columns."""
         x, y, mask, pos = (t.to(self.device) for t in window_batch(tokens, windows, self.seq_len))
         mask, pos = mask[:, first:], pos[:, first:]
-        probes = self._probes_in(pos, mask)
-        need_logits = self.nll_transform is not None or bool(probes)
+        need_logits = self.wants_logits(pos, mask)
+        logits = nll = None
         with autocast(self.device, self.opts.autocast_mode):
             if need_logits:
                 logits = self._logits_fn(x, first).float()
             else:
                 nll = self._nll_fn(x, y, first).float()
-        x, y = x[:, first:], y[:, first:]
-        if need_logits:
+        self.record(x[:, first:], y[:, first:], mask, pos, nll, logits)
+
+    def wants_logits(self, pos: torch.Tensor, mask: torch.Tensor) -> bool:
+        """Whether `record` needs the batch's logits (a transform, or a probe position among the scored)."""
+        return self.nll_transform is not None or bool(self._probes_in(pos, mask))
+
+    def record(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+               nll: torch.Tensor | None, logits: torch.Tensor | None = None) -> None:  # fmt: skip
+        """Feed the meters and the trace with the targets under `mask` ([B, T] inputs, targets, positions;
+        nll [B, T], or fp32 logits [B, T, V] from which it is computed; logits are required when
+        `wants_logits`). Other scoring loops (pgolf.eval.lora_ttt) record through here too."""
+        probes = self._probes_in(pos, mask)
+        if nll is None:
             nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
         sel_nll, sel_x, sel_y, sel_pos = nll[mask], x[mask], y[mask], pos[mask]
         self.meter.update(sel_nll, sel_x, sel_y, positions=sel_pos)

@@ -70,8 +70,9 @@ def trainable_parameters(model: torch.nn.Module, freeze_blocks: int) -> list[tor
 class TTTState:
     """The adapted model copy and its SGD (momentum persists across chunks)."""
 
-    def __init__(self, model: torch.nn.Module, cfg: EvalConfig, num_chunks: int):
-        self.model = copy.deepcopy(model)
+    def __init__(self, model: torch.nn.Module, cfg: EvalConfig, num_chunks: int, copy_model: bool = True):
+        """copy_model False adapts `model` itself (a caller that already holds its own copy)."""
+        self.model = copy.deepcopy(model) if copy_model else model
         self.params = trainable_parameters(self.model, cfg.ttt_freeze_blocks)
         self.opt = torch.optim.SGD(self.params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum)
         self.cfg = cfg

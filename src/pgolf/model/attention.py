@@ -7,6 +7,7 @@ Tensors inside this module use the [B, T, heads, head_dim] layout (FlashAttentio
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,9 @@ from torch import Tensor, nn
 from pgolf.config.schema import ModelConfig
 from pgolf.model.backend import Documents, causal_attention
 from pgolf.model.layers import CastedLinear
+
+if TYPE_CHECKING:
+    from pgolf.model.lora import LayerLora
 
 
 @dataclass(frozen=True)
@@ -86,15 +90,20 @@ class CausalSelfAttention(nn.Module):
         )
         self.gate_scale = cfg.sparse_attn_gate_scale
 
-    def forward(self, x: Tensor, ctx: AttnInputs, tail: int = 0) -> Tensor:
+    def forward(self, x: Tensor, ctx: AttnInputs, tail: int = 0, lora: LayerLora | None = None) -> Tensor:
         """Attention output [B, T - tail, dim] of positions tail.. (keys and values: all of x).
 
-        tail > 0 is for a model's last layer only, whose other positions nothing reads.
+        tail > 0 is for a model's last layer only, whose other positions nothing reads. `lora`: per-row
+        adapters whose deltas join Q, K, V (before the norms and RoPE) and the output projection.
         """
         bsz, seq, _ = x.shape
-        q = self.c_q(x[:, tail:]).view(bsz, seq - tail, self.num_heads, self.head_dim)
-        k = self.c_k(x).view(bsz, seq, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x).view(bsz, seq, self.num_kv_heads, self.head_dim)
+        xq = x[:, tail:]
+        q, k, v = self.c_q(xq), self.c_k(x), self.c_v(x)
+        if lora is not None:
+            q, k, v = q + lora.q(xq), k + lora.k(x), v + lora.v(x)
+        q = q.view(bsz, seq - tail, self.num_heads, self.head_dim)
+        k = k.view(bsz, seq, self.num_kv_heads, self.head_dim)
+        v = v.view(bsz, seq, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q = F.rms_norm(q, (self.head_dim,))
             k = F.rms_norm(k, (self.head_dim,))
@@ -107,4 +116,5 @@ class CausalSelfAttention(nn.Module):
             window = self.attn_gate_w.size(1)
             logit = F.linear(x[:, tail:, :window], self.attn_gate_w.to(x.dtype))  # [B, T - tail, heads]
             y = y * torch.sigmoid(self.gate_scale * logit)[..., None]
-        return self.proj(y.reshape(bsz, seq - tail, self.num_heads * self.head_dim))
+        out = self.proj(y.reshape(bsz, seq - tail, self.num_heads * self.head_dim))
+        return out if lora is None else out + lora.o(xq)

@@ -11,6 +11,7 @@ LN scale s_l = 1/sqrt(l+1) by *physical* index l (a looped block keeps its facto
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,9 @@ from torch import Tensor, nn
 from pgolf.config.schema import ModelConfig
 from pgolf.model.attention import AttnInputs, CausalSelfAttention
 from pgolf.model.layers import MLP
+
+if TYPE_CHECKING:
+    from pgolf.model.lora import LayerLora
 
 LANE_MODES = ("lanes1541", "lanes1529")
 
@@ -50,23 +54,27 @@ class Block(nn.Module):
     def _norm(self, x: Tensor) -> Tensor:
         return F.rms_norm(x, (x.size(-1),)) * self.ln_scale
 
-    def _attn(self, x: Tensor, ctx: AttnInputs, tail: int) -> Tensor:
-        return self.attn_scale.to(x.dtype) * self.attn(self._norm(x), ctx, tail)
+    def _attn(self, x: Tensor, ctx: AttnInputs, tail: int, lora: LayerLora | None) -> Tensor:
+        return self.attn_scale.to(x.dtype) * self.attn(self._norm(x), ctx, tail, lora)
 
-    def _mlp(self, x: Tensor) -> Tensor:
-        return self.mlp_scale.to(x.dtype) * self.mlp(self._norm(x))
+    def _mlp(self, x: Tensor, lora: LayerLora | None) -> Tensor:
+        h = self._norm(x)
+        out = self.mlp(h) if lora is None else self.mlp(h) + lora.mlp(h)
+        return self.mlp_scale.to(x.dtype) * out
 
     # tail > 0 (a model's last layer only) computes the outputs of positions tail.. alone; their attention
     # still reads every key. Exact, since nothing reads the other positions of the last layer.
-    def forward(self, x: Tensor, x0: Tensor, ctx: AttnInputs, tail: int = 0) -> Tensor:
-        """Sequential or GPT-J block on a single residual stream; output [B, T - tail, dim]."""
+    def forward(self, x: Tensor, x0: Tensor, ctx: AttnInputs, tail: int = 0, lora: LayerLora | None = None
+                ) -> Tensor:  # fmt: skip
+        """Sequential or GPT-J block on a single residual stream; output [B, T - tail, dim]. `lora`: this
+        virtual layer's per-row adapters (pgolf.model.lora)."""
         x = self.mix(x, x0)
-        a = self._attn(x, ctx, tail)
+        a = self._attn(x, ctx, tail, lora)
         x = x[:, tail:]
         if self.gptj:
-            return x + a + self._mlp(x)
+            return x + a + self._mlp(x, lora)
         x = x + a
-        return x + self._mlp(x)
+        return x + self._mlp(x, lora)
 
     def forward_lanes(
         self,
@@ -77,6 +85,7 @@ class Block(nn.Module):
         post: Tensor,
         resid: Tensor,
         tail: int = 0,
+        lora: LayerLora | None = None,
     ) -> tuple[Tensor, Tensor]:
         """One two-lane layer; post = par_post[l] ([src][dst], src 0 = attn, 1 = mlp), resid = par_resid[l].
 
@@ -86,10 +95,10 @@ class Block(nn.Module):
         """
         if self.lane_form is None:
             raise RuntimeError("forward_lanes called on a block that is not a lane-parallel layer")
-        a = self._attn(self.mix(lane0, x0), ctx, tail)
+        a = self._attn(self.mix(lane0, x0), ctx, tail, lora)
         lane0, lane1, x0 = lane0[:, tail:], lane1[:, tail:], x0[:, tail:]
         mlp_in = self.mix(lane1, x0) if self.lane_form == "lanes1541" else lane1
-        f = self._mlp(mlp_in)
+        f = self._mlp(mlp_in, lora)
         post, resid = post.to(a.dtype), resid.to(a.dtype)
         if self.lane_form == "lanes1541":
             r0, r1 = resid[0], resid[1]

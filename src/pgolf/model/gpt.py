@@ -11,7 +11,7 @@ stream is needed: an encoder skip, a following sequential layer, the final norm.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,9 @@ from pgolf.model.backend import Documents, resolve_backend
 from pgolf.model.block import LANE_MODES, Block
 from pgolf.model.layers import BOS_ID, CastedLinear, smear
 from pgolf.model.loss import fused_head_loss, head_nll, softcap_logits, softcapped_cross_entropy
+
+if TYPE_CHECKING:
+    from pgolf.model.lora import LayerLora, LoraSet
 
 PARALLEL_MODES = ("none", "gptj", *LANE_MODES)
 FINAL_LANES = ("mlp", "attn", "mean")
@@ -228,6 +231,10 @@ class GPT(nn.Module):
         """Switch depth recurrence on/off (training turns it on at ENABLE_LOOPING_AT; eval uses it)."""
         self.looping = bool(on)
 
+    def layer_steps(self) -> list[Step]:
+        """The virtual layers the forward runs now (one LoRA slot each)."""
+        return self._plans[self.looping]
+
     # ----------------------------------------------------------------------------- forward
     def _single(self, state: LaneState) -> Tensor:
         """The single residual stream; lanes are combined per parallel_final_lane."""
@@ -249,7 +256,7 @@ class GPT(nn.Module):
         return torch.lerp(scaled, x, gate)  # σ(g)·x + (1−σ(g))·w⊙skip
 
     def _layer(self, step: Step, state: LaneState, x0: Tensor, ctx: AttnInputs, skips: list[Tensor],
-               tail: int = 0) -> LaneState:  # fmt: skip
+               tail: int = 0, lora: LayerLora | None = None) -> LaneState:  # fmt: skip
         """Run one virtual layer; tail > 0 (the last layer only) returns positions tail.. alone."""
         block = self.blocks[step.idx]
         skip = None if step.skip is None else skips[step.skip]
@@ -257,7 +264,7 @@ class GPT(nn.Module):
             x = self._single(state)
             if skip is not None:
                 x = self._merge_skip(x, skip, step.pos)
-            state = block(x, x0, ctx, tail)
+            state = block(x, x0, ctx, tail, lora)
         else:
             if isinstance(state, Tensor):
                 # First lane layer: the skip is merged into x, then both lanes start from it.
@@ -270,16 +277,17 @@ class GPT(nn.Module):
                     if block.lane_form == "lanes1541":  # #1541: into both lanes; #1529: lane 0 only
                         lane1 = self._merge_skip(lane1, skip, step.pos)
             post, resid = self.par_post[step.idx], self.par_resid[step.idx]
-            state = block.forward_lanes(lane0, lane1, x0, ctx, post, resid, tail)
+            state = block.forward_lanes(lane0, lane1, x0, ctx, post, resid, tail, lora)
         if step.pos < 0:
             skips.append(self._single(state))
         return state
 
-    def hidden(self, ids: Tensor, first: int = 0) -> Tensor:
+    def hidden(self, ids: Tensor, first: int = 0, lora: LoraSet | None = None) -> Tensor:
         """final_norm output [B, T - first, d] of positions first..: the features the output head reads.
 
         Every layer but the last runs on all T positions (their keys and values are needed); only the last
         layer is told `first`, and computes the outputs of positions first.. alone (what sliding eval scores).
+        `lora`: per-row adapters (row b = document b), one slot per virtual layer (pgolf.model.lora).
         """
         if ids.dim() != 2:
             raise ValueError(f"expected token ids [B, T]; got shape {tuple(ids.shape)}")
@@ -294,13 +302,22 @@ class GPT(nn.Module):
             x = smear(x, ids == BOS_ID, self.smear_gate, self.smear_lambda)
         x0 = F.rms_norm(x, (self.cfg.model_dim,))
         ctx = self._attn_inputs(ids)
-        plan = self._plans[self.looping]
+        plan = self.layer_steps()
+        slots = [None] * len(plan) if lora is None else self._lora_slots(lora, ids)
         state: LaneState = x0
         skips: list[Tensor] = []
-        for step in plan[:-1]:
-            state = self._layer(step, state, x0, ctx, skips)
-        state = self._layer(plan[-1], state, x0, ctx, skips, tail=first)
+        for step, slot in zip(plan[:-1], slots):
+            state = self._layer(step, state, x0, ctx, skips, lora=slot)
+        state = self._layer(plan[-1], state, x0, ctx, skips, tail=first, lora=slots[-1])
         return self.final_norm(self._single(state))
+
+    def _lora_slots(self, lora: LoraSet, ids: Tensor) -> list[LayerLora]:
+        if len(lora.slots) != len(self.layer_steps()) or lora.batch != ids.size(0):
+            raise ValueError(
+                f"LoRA set of {len(lora.slots)} slots x {lora.batch} rows does not fit a forward of "
+                f"{len(self.layer_steps())} virtual layers x {ids.size(0)} rows"
+            )
+        return list(lora.slots)
 
     def _attn_inputs(self, ids: Tensor) -> AttnInputs:
         cfg = self.cfg
@@ -328,18 +345,25 @@ class GPT(nn.Module):
 
     # Sliding-window eval scores only each window's last `stride` positions: `first` skips the last layer's
     # queries, MLP and the output head (a d x V matmul, tanh and log-softmax over V) where nothing is scored.
-    def tail_logits(self, ids: Tensor, first: int = 0) -> Tensor:
-        """Softcapped fp32 logits [B, T - first, V] of positions first.. (all of them by default)."""
-        h = self.hidden(ids, first)
-        return softcap_logits(F.linear(h, self._head_weight().to(h.dtype)), self.cfg.logit_softcap)
+    def tail_logits(self, ids: Tensor, first: int = 0, lora: LoraSet | None = None) -> Tensor:
+        """Softcapped fp32 logits [B, T - first, V] of positions first.. (all of them by default); the
+        head adapter of `lora` joins the raw logits before the softcap."""
+        h = self.hidden(ids, first, lora)
+        logits = F.linear(h, self._head_weight().to(h.dtype))
+        if lora is not None:
+            logits = logits + lora.head(h)
+        return softcap_logits(logits, self.cfg.logit_softcap)
 
-    def per_token_nll(self, ids: Tensor, targets: Tensor, first: int = 0) -> Tensor:
+    def per_token_nll(self, ids: Tensor, targets: Tensor, first: int = 0, lora: LoraSet | None = None) -> Tensor:
         """fp32 NLL [B, T - first] of the targets at positions first.., in row chunks (eval never holds
-        [B, T, V] logits). targets has the shape of ids."""
+        [B, T, V] logits; with `lora` it does: the head adapter is per row). targets has the shape of ids."""
         if targets.shape != ids.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal ids shape {tuple(ids.shape)}")
-        h = self.hidden(ids, first)
         tail = targets[:, first:]
+        if lora is not None:
+            logits = self.tail_logits(ids, first, lora)
+            return F.cross_entropy(logits.flatten(0, 1), tail.reshape(-1), reduction="none").view(tail.shape)
+        h = self.hidden(ids, first)
         nll = head_nll(
             h.reshape(-1, h.size(-1)), self._head_weight(), tail.reshape(-1), self.cfg.logit_softcap
         )

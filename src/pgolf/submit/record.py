@@ -20,7 +20,12 @@ from pgolf.runtime import keep_freed_memory, shutdown_distributed
 from pgolf.submit.pipeline import run_pipeline
 
 # Modules only one eval mode runs: a bundle leaves them out when its config's plan does not name the mode.
-FEATURE_MODULES = {"pgolf.eval.ttt": "ttt", "pgolf.eval.ngram_tilt": "ngram", "pgolf.eval.ngram_hints": "ngram"}
+FEATURE_MODULES = {
+    "pgolf.eval.ttt": "ttt",
+    "pgolf.eval.lora_ttt": "lora_ttt",
+    "pgolf.eval.ngram_tilt": "ngram",
+    "pgolf.eval.ngram_hints": "ngram",
+}
 
 
 def check_plan_is_bundled(plan: list[str]) -> None:
