@@ -16,7 +16,9 @@ import pytest
 import torch
 from dist_common import end_worker, free_port
 from test_eval_common import tiny_eval_cfg, tiny_model, tiny_tables  # noqa: F401
+from test_eval_run import artifact_is_model_pt, make_run  # noqa: F401
 
+from pgolf.cli import main
 from pgolf.config import EvalConfig, preset
 from pgolf.data.bytes import ByteTables
 from pgolf.eval.legality import format_table, run_checks
@@ -258,3 +260,20 @@ def test_two_gloo_processes_give_the_one_process_score(tmp_path) -> None:
         assert (single[key]["tokens"], single[key]["bytes"]) == (double[key]["tokens"], double[key]["bytes"])
     assert math.isclose(single["phases"]["loss"], double["phases"]["loss"], rel_tol=1e-6)
     assert single["phases"]["loss"] != single["plain"]["loss"]  # the phases did train
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.mark.usefixtures("artifact_is_model_pt")
+def test_pgolf_eval_and_check_run_lora_ttt_on_real_val(tmp_path, sp1024_shards, capsys):
+    run_dir, _ = make_run(tmp_path, sp1024_shards, ["quant", "lora_ttt"])
+    sets = ["eval.lora_ttt_context=128", "eval.lora_ttt_batch_docs=2", "eval.lora_ttt_rank=8",
+            "eval.lora_ttt_lr=0.01", "eval.phased_prefix_frac=0.5", "eval.phased_chunk_tokens=256"]  # fmt: skip
+    assert main(["eval", str(run_dir), *sum((["--set", s] for s in sets), [])]) == 0
+    by = {r["mode"]: r for r in json.loads((run_dir / "eval.json").read_text())["results"]}
+    assert (by["lora_ttt"]["tokens"], by["lora_ttt"]["bytes"]) == (by["quant"]["tokens"], by["quant"]["bytes"])
+    assert by["lora_ttt"]["bpb"] != by["quant"]["bpb"]
+    capsys.readouterr()
+    assert main(["check", str(run_dir), *sum((["--set", s] for s in sets), [])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for check in ("C1", "C2", "C3", "C4"):
+        assert any(line.split()[:3] == ["lora_ttt", check, "pass"] for line in lines), check
