@@ -171,12 +171,11 @@ def test_documents_of_one_batch_do_not_see_each_other() -> None:
 class TrainBeforeScoring(LoraTTT):
     """Planted violation: each chunk's step is taken before the chunk is scored (then it is scored)."""
 
-    def score_and_step(self, lora, opt, windows, active, train):
-        train = train & active
+    def score_and_step(self, lora, opt, windows, train):
         if train.any():
-            nll, _, _, mask, _, _ = self.forward(lora, windows, active, True)
+            nll, _, _, mask, _, _ = self.forward(lora, windows, True)
             self.step(lora, opt, nll, mask, windows, train)
-        nll, x, y, mask, pos, logits = self.forward(lora, windows, active, False)
+        nll, x, y, mask, pos, logits = self.forward(lora, windows, False)
         self.scorer.record(x, y, mask, pos, nll, logits)
 
 

@@ -93,3 +93,19 @@ def test_gradients_reach_only_the_adapters_rows_they_belong_to() -> None:
     for m in lora.adapters():
         assert m.A.grad[[0, 2]].abs().max() == 0 and m.B.grad[[0, 2]].abs().max() == 0
     assert lora.slots[0].q.A.grad[1].abs().max() > 0
+
+
+@torch.no_grad()
+def test_a_row_subset_scores_like_those_rows_of_the_whole_set_and_follows_updates() -> None:
+    model, ids = model_and_ids(True)
+    lora = LoraSet(model, ids.size(0), rank=4, alpha=8.0)
+    random_b_(lora, [0, 1, 2])
+    rows = torch.tensor([2, 0])
+    subset = lora.rows(rows)
+    assert subset.batch == 2
+    full = model.tail_logits(ids, 0, lora)
+    torch.testing.assert_close(model.tail_logits(ids[rows], 0, subset), full[rows], rtol=1e-5, atol=1e-5)
+    lora.head.B[2].add_(0.5)  # an optimizer step after the view was made
+    moved = model.tail_logits(ids[rows], 0, subset)
+    torch.testing.assert_close(moved, model.tail_logits(ids, 0, lora)[rows], rtol=1e-5, atol=1e-5)
+    assert (moved[0] - full[2]).abs().max() > 1e-3

@@ -35,7 +35,7 @@ from pgolf.data.bytes import BpbResult, ByteTables
 from pgolf.eval.score import ScoreOptions, Scorer, window_batch
 from pgolf.eval.ttt import Chunk, TTTState, train_chunk
 from pgolf.model.layers import BOS_ID
-from pgolf.model.lora import LoraSet
+from pgolf.model.lora import Adapters, LoraSet
 from pgolf.runtime import autocast, dist_info
 
 
@@ -102,16 +102,12 @@ def pass_order(tokens: torch.Tensor, cfg: EvalConfig) -> np.ndarray:
     return np.concatenate(out)
 
 
-def chunk_windows(docs: np.ndarray, c: int, chunk: int, context: int) -> tuple[np.ndarray, np.ndarray]:
-    """(windows [n, 3] (ws, wlen, first scored offset), active [n]) of chunk c of each document; a
-    document without a chunk c gets a 1-token window with nothing scored."""
+def chunk_windows(docs: np.ndarray, c: int, chunk: int, context: int) -> np.ndarray:
+    """Windows [n, 3] (ws, wlen, first scored offset) of chunk c of each document (all have one)."""
     start, p = docs[:, 0], docs[:, 1]
-    active = c * chunk < p
     end = np.minimum((c + 1) * chunk, p)
     s = np.maximum(0, end - context)
-    windows = np.stack([start + s, end - s, c * chunk - s], axis=1)
-    windows[~active] = np.stack([start, np.ones_like(start), np.ones_like(start)], axis=1)[~active]
-    return windows, active
+    return np.stack([start + s, end - s, c * chunk - s], axis=1)
 
 
 class LoraTTT:
@@ -166,14 +162,17 @@ class LoraTTT:
         )  # fmt: skip
         num_chunks = -(-docs[:, 1] // cfg.lora_ttt_chunk)
         for c in range(int(num_chunks.max())):
-            windows, active = chunk_windows(docs, c, cfg.lora_ttt_chunk, cfg.lora_ttt_context)
-            self.score_and_step(lora, opt, windows, active, c < num_chunks - 1)
+            # the documents with a chunk c, alone in the forward (finished ones sit out)
+            rows = np.flatnonzero(c < num_chunks)
+            windows = chunk_windows(docs[rows], c, cfg.lora_ttt_chunk, cfg.lora_ttt_context)
+            adapters = lora.rows(torch.from_numpy(rows).to(self.device))
+            self.score_and_step(adapters, opt, windows, c < num_chunks[rows] - 1)
 
-    def forward(self, lora: LoraSet, windows: np.ndarray, active: np.ndarray, grad: bool):
+    def forward(self, lora: Adapters, windows: np.ndarray, grad: bool):
         """(nll [B, T'] fp32, x, y, mask, pos cut to the scored tail, logits or None) of one chunk."""
         width = int(windows[:, 1].max())
         x, y, mask, pos = (t.to(self.device) for t in window_batch(self.tokens, windows, width))
-        first = int(windows[active, 2].min())
+        first = int(windows[:, 2].min())
         mask, pos = mask[:, first:], pos[:, first:]
         logits = None
         with torch.set_grad_enabled(grad), autocast(self.device, self.opts.autocast_mode):
@@ -186,16 +185,15 @@ class LoraTTT:
                 nll = self._nll(x, y, first, lora).float()
         return nll, x[:, first:], y[:, first:], mask, pos, logits
 
-    def score_and_step(self, lora: LoraSet, opt: torch.optim.Optimizer, windows: np.ndarray,
-                       active: np.ndarray, train: np.ndarray) -> None:  # fmt: skip
+    def score_and_step(self, lora: Adapters, opt: torch.optim.Optimizer, windows: np.ndarray,
+                       train: np.ndarray) -> None:  # fmt: skip
         """Record the chunk's scores, then (documents with chunks left only) one AdamW step on them."""
-        train = train & active
-        nll, x, y, mask, pos, logits = self.forward(lora, windows, active, bool(train.any()))
+        nll, x, y, mask, pos, logits = self.forward(lora, windows, bool(train.any()))
         self.scorer.record(x, y, mask, pos, nll.detach(), None if logits is None else logits.detach())
         if train.any():
             self.step(lora, opt, nll, mask, windows, train)
 
-    def step(self, lora: LoraSet, opt: torch.optim.Optimizer, nll: torch.Tensor, mask: torch.Tensor,
+    def step(self, lora: Adapters, opt: torch.optim.Optimizer, nll: torch.Tensor, mask: torch.Tensor,
              windows: np.ndarray, train: np.ndarray) -> None:  # fmt: skip
         maskf = mask.float()
         per_doc = (nll * maskf).sum(1) / maskf.sum(1).clamp(min=1.0)

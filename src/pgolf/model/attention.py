@@ -18,7 +18,7 @@ from pgolf.model.backend import Documents, causal_attention
 from pgolf.model.layers import CastedLinear
 
 if TYPE_CHECKING:
-    from pgolf.model.lora import LayerLora
+    from pgolf.model.lora import SlotAdapters
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class CausalSelfAttention(nn.Module):
         )
         self.gate_scale = cfg.sparse_attn_gate_scale
 
-    def forward(self, x: Tensor, ctx: AttnInputs, tail: int = 0, lora: LayerLora | None = None) -> Tensor:
+    def forward(self, x: Tensor, ctx: AttnInputs, tail: int = 0, lora: SlotAdapters | None = None) -> Tensor:
         """Attention output [B, T - tail, dim] of positions tail.. (keys and values: all of x).
 
         tail > 0 is for a model's last layer only, whose other positions nothing reads. `lora`: per-row

@@ -22,7 +22,7 @@ from pgolf.model.attention import AttnInputs, CausalSelfAttention
 from pgolf.model.layers import MLP
 
 if TYPE_CHECKING:
-    from pgolf.model.lora import LayerLora
+    from pgolf.model.lora import SlotAdapters
 
 LANE_MODES = ("lanes1541", "lanes1529")
 
@@ -54,17 +54,17 @@ class Block(nn.Module):
     def _norm(self, x: Tensor) -> Tensor:
         return F.rms_norm(x, (x.size(-1),)) * self.ln_scale
 
-    def _attn(self, x: Tensor, ctx: AttnInputs, tail: int, lora: LayerLora | None) -> Tensor:
+    def _attn(self, x: Tensor, ctx: AttnInputs, tail: int, lora: SlotAdapters | None) -> Tensor:
         return self.attn_scale.to(x.dtype) * self.attn(self._norm(x), ctx, tail, lora)
 
-    def _mlp(self, x: Tensor, lora: LayerLora | None) -> Tensor:
+    def _mlp(self, x: Tensor, lora: SlotAdapters | None) -> Tensor:
         h = self._norm(x)
         out = self.mlp(h) if lora is None else self.mlp(h) + lora.mlp(h)
         return self.mlp_scale.to(x.dtype) * out
 
     # tail > 0 (a model's last layer only) computes the outputs of positions tail.. alone; their attention
     # still reads every key. Exact, since nothing reads the other positions of the last layer.
-    def forward(self, x: Tensor, x0: Tensor, ctx: AttnInputs, tail: int = 0, lora: LayerLora | None = None
+    def forward(self, x: Tensor, x0: Tensor, ctx: AttnInputs, tail: int = 0, lora: SlotAdapters | None = None
                 ) -> Tensor:  # fmt: skip
         """Sequential or GPT-J block on a single residual stream; output [B, T - tail, dim]. `lora`: this
         virtual layer's per-row adapters (pgolf.model.lora)."""
@@ -85,7 +85,7 @@ class Block(nn.Module):
         post: Tensor,
         resid: Tensor,
         tail: int = 0,
-        lora: LayerLora | None = None,
+        lora: SlotAdapters | None = None,
     ) -> tuple[Tensor, Tensor]:
         """One two-lane layer; post = par_post[l] ([src][dst], src 0 = attn, 1 = mlp), resid = par_resid[l].
 

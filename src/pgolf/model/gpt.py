@@ -25,7 +25,7 @@ from pgolf.model.layers import BOS_ID, CastedLinear, smear
 from pgolf.model.loss import fused_head_loss, head_nll, softcap_logits, softcapped_cross_entropy
 
 if TYPE_CHECKING:
-    from pgolf.model.lora import LayerLora, LoraSet
+    from pgolf.model.lora import Adapters, SlotAdapters
 
 PARALLEL_MODES = ("none", "gptj", *LANE_MODES)
 FINAL_LANES = ("mlp", "attn", "mean")
@@ -256,7 +256,7 @@ class GPT(nn.Module):
         return torch.lerp(scaled, x, gate)  # σ(g)·x + (1−σ(g))·w⊙skip
 
     def _layer(self, step: Step, state: LaneState, x0: Tensor, ctx: AttnInputs, skips: list[Tensor],
-               tail: int = 0, lora: LayerLora | None = None) -> LaneState:  # fmt: skip
+               tail: int = 0, lora: SlotAdapters | None = None) -> LaneState:  # fmt: skip
         """Run one virtual layer; tail > 0 (the last layer only) returns positions tail.. alone."""
         block = self.blocks[step.idx]
         skip = None if step.skip is None else skips[step.skip]
@@ -282,7 +282,7 @@ class GPT(nn.Module):
             skips.append(self._single(state))
         return state
 
-    def hidden(self, ids: Tensor, first: int = 0, lora: LoraSet | None = None) -> Tensor:
+    def hidden(self, ids: Tensor, first: int = 0, lora: Adapters | None = None) -> Tensor:
         """final_norm output [B, T - first, d] of positions first..: the features the output head reads.
 
         Every layer but the last runs on all T positions (their keys and values are needed); only the last
@@ -311,7 +311,7 @@ class GPT(nn.Module):
         state = self._layer(plan[-1], state, x0, ctx, skips, tail=first, lora=slots[-1])
         return self.final_norm(self._single(state))
 
-    def _lora_slots(self, lora: LoraSet, ids: Tensor) -> list[LayerLora]:
+    def _lora_slots(self, lora: Adapters, ids: Tensor) -> list[SlotAdapters]:
         if len(lora.slots) != len(self.layer_steps()) or lora.batch != ids.size(0):
             raise ValueError(
                 f"LoRA set of {len(lora.slots)} slots x {lora.batch} rows does not fit a forward of "
@@ -345,7 +345,7 @@ class GPT(nn.Module):
 
     # Sliding-window eval scores only each window's last `stride` positions: `first` skips the last layer's
     # queries, MLP and the output head (a d x V matmul, tanh and log-softmax over V) where nothing is scored.
-    def tail_logits(self, ids: Tensor, first: int = 0, lora: LoraSet | None = None) -> Tensor:
+    def tail_logits(self, ids: Tensor, first: int = 0, lora: Adapters | None = None) -> Tensor:
         """Softcapped fp32 logits [B, T - first, V] of positions first.. (all of them by default); the
         head adapter of `lora` joins the raw logits before the softcap."""
         h = self.hidden(ids, first, lora)
@@ -354,7 +354,7 @@ class GPT(nn.Module):
             logits = logits + lora.head(h)
         return softcap_logits(logits, self.cfg.logit_softcap)
 
-    def per_token_nll(self, ids: Tensor, targets: Tensor, first: int = 0, lora: LoraSet | None = None) -> Tensor:
+    def per_token_nll(self, ids: Tensor, targets: Tensor, first: int = 0, lora: Adapters | None = None) -> Tensor:
         """fp32 NLL [B, T - first] of the targets at positions first.., in row chunks (eval never holds
         [B, T, V] logits; with `lora` it does: the head adapter is per row). targets has the shape of ids."""
         if targets.shape != ids.shape:

@@ -32,8 +32,23 @@ class BatchedLora(nn.Module):
         self.A.copy_(torch.rand(self.A.shape, generator=generator) * (2 * bound) - bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        a = torch.bmm(x, self.A.transpose(1, 2).to(x.dtype))
-        return torch.bmm(a, self.B.transpose(1, 2).to(x.dtype)) * self.scale
+        return _delta(x, self.A, self.B, self.scale)
+
+
+def _delta(x: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
+    h = torch.bmm(x, a.transpose(1, 2).to(x.dtype))
+    return torch.bmm(h, b.transpose(1, 2).to(x.dtype)) * scale
+
+
+class _RowsOf:
+    """Some rows of a BatchedLora, gathered at each call (so they follow optimizer steps); gradients flow
+    back to those rows only."""
+
+    def __init__(self, lora: BatchedLora, rows: Tensor) -> None:
+        self.lora, self.rows = lora, rows
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return _delta(x, self.lora.A[self.rows], self.lora.B[self.rows], self.lora.scale)
 
 
 class LayerLora(nn.Module):
@@ -82,3 +97,26 @@ class LoraSet(nn.Module):
     def reset_B(self) -> None:
         for m in self.adapters():
             m.B.zero_()
+
+    def rows(self, rows: Tensor) -> LoraRows:
+        """The adapters of documents `rows` only, for a forward of len(rows) rows (the others sit out)."""
+        return LoraRows(self, rows)
+
+
+class LoraRows:
+    """A LoraSet restricted to some of its rows; the model reads it like a LoraSet."""
+
+    def __init__(self, lora: LoraSet, rows: Tensor) -> None:
+        self.batch = int(rows.numel())
+        self.slots = [SlotRows(slot, rows) for slot in lora.slots]
+        self.head = _RowsOf(lora.head, rows)
+
+
+class SlotRows:
+    def __init__(self, slot: LayerLora, rows: Tensor) -> None:
+        self.q, self.k, self.v = _RowsOf(slot.q, rows), _RowsOf(slot.k, rows), _RowsOf(slot.v, rows)
+        self.o, self.mlp = _RowsOf(slot.o, rows), _RowsOf(slot.mlp, rows)
+
+
+Adapters = LoraSet | LoraRows  # what GPT.hidden accepts as `lora`
+SlotAdapters = LayerLora | SlotRows  # one virtual layer's part of it
