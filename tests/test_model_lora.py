@@ -109,3 +109,13 @@ def test_a_row_subset_scores_like_those_rows_of_the_whole_set_and_follows_update
     moved = model.tail_logits(ids[rows], 0, subset)
     torch.testing.assert_close(moved, model.tail_logits(ids, 0, lora)[rows], rtol=1e-5, atol=1e-5)
     assert (moved[0] - full[2]).abs().max() > 1e-3
+
+
+def test_pr1855_has_17_lora_slots_when_looping() -> None:
+    from pgolf.config import preset
+
+    with torch.device("meta"):
+        model = GPT(preset("pr1855").model)
+    model.set_looping(True)
+    # encoder [0,1,2,3,4,5,3,4], decoder [5,3,4,5,6,7,8,9,10] (SPEC-1855 B §3.3)
+    assert [s.idx for s in model.layer_steps()] == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]

@@ -3,7 +3,8 @@
 `GPT(cfg.model)`; `model(ids)` -> softcapped fp32 logits [B, T, V]; `model(ids, targets)` -> mean loss;
 `model.per_token_nll(ids, targets, first=0)` -> [B, T - first] (eval: last layer and head on the
 scored tail only); `model.set_looping(on)`; `recurrence_indices(cfg, looping)`;
-`param_role(name, tensor)` -> "embed" | "head" | "matrix" | "control".
+`param_role(name, tensor)` -> "embed" | "head" | "matrix" | "control". `hidden`, `tail_logits` and
+`per_token_nll` take `lora=` (pgolf.model.lora.LoraSet: per-row adapters on every virtual layer and the head).
 """
 
 from pgolf.model.backend import override_backend, resolve_backend
