@@ -20,6 +20,7 @@ from test_eval_run import artifact_is_model_pt, make_run  # noqa: F401
 
 from pgolf.cli import main
 from pgolf.config import EvalConfig, preset
+from pgolf.config.env import apply_env
 from pgolf.data.bytes import ByteTables
 from pgolf.eval.legality import format_table, run_checks
 from pgolf.eval.lora_ttt import LoraTTT, documents, eval_lora_ttt, pass_order, plan_schedule
@@ -96,6 +97,9 @@ def test_defaults_are_the_run_values_of_spec_1855_b_3_6_and_the_pr1855_plan_runs
     assert (e.phased_num_phases, e.phased_prefix_docs, e.phased_lr, e.phased_momentum) == (3, 2500, 1e-3, 0.9)
     assert (e.phased_chunk_tokens, e.phased_batch_seqs, e.phased_grad_clip) == (32_768, 32, 1.0)
     assert preset("pr1855").eval.plan[-1] == "lora_ttt"
+    c = preset("pr1855")
+    apply_env(c, {"TTT_LORA_RANK": "16", "TTT_CHUNK_SIZE": "32", "PHASED_TTT_NUM_PHASES": "1", "GLOBAL_TTT_LR": "0.01"})
+    assert (c.eval.lora_ttt_rank, c.eval.lora_ttt_chunk, c.eval.phased_num_phases, c.eval.phased_lr) == (16, 32, 1, 0.01)
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -10,7 +10,8 @@ Per batch (one adapter per document, `pgolf.model.lora`; B and the AdamW state r
 rank's previous batch of the same size): chunk c of every document scores its targets [cC, e_c) with
 e_c = min((c+1)C, P) from the window [max(0, e_c − W), e_c) of its own tokens; the chunk's forward is
 recorded first (float64 NLL and bytes, sidecar positions when present), then, for the documents that
-have chunks left, one AdamW step on Σ_docs mean chunk NLL.
+have chunks left, one AdamW step on Σ_docs mean chunk NLL. Documents already finished sit out of the
+forward (the adapters of the remaining rows are gathered: `LoraSet.rows`).
 Global SGD phases: D = min(#docs, phased_prefix_docs, ⌊phased_prefix_frac·#docs⌋), boundaries
 b_k = ⌊D·k/K⌋. After the round that brings the count of scored documents to b_k, ALL base parameters
 are trained by SGD on the b_k shortest documents scored so far (the record's rule; the sort order of the
