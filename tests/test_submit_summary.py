@@ -15,6 +15,7 @@ from pgolf.submit.summary import (
     SUMMARY_KEYS,
     WATERFALL,
     build_summary,
+    code_counts,
     format_summary,
     run_budgets,
     write_summary,
@@ -239,3 +240,19 @@ def test_run_budgets_from_config(tmp_path: Path) -> None:
     cfg = preset("smoke")  # max_wallclock_seconds = 0: unlimited
     (run / "config.toml").write_text(to_toml(cfg))
     assert run_budgets(run) == (None, 600.0)
+
+
+def test_format_summary_counts_the_artifact_alone_where_code_is_not_counted(tmp_path: Path) -> None:
+    """cpu-golf v2 (quant.cap_counts_code = false): 99,611 B of artifact + 62,701 B of code fit a 100,000 B
+    cap; the same numbers on a track that counts code are over it."""
+    run = make_run_dir(tmp_path)
+    summary = dict(build_summary(run), artifact_bytes=99_611, code_bytes=62_701, total_bytes=162_312, cap_bytes=100_000)
+    text = format_summary(summary, code_counted=False)
+    assert "99,611 / cap 100,000" in text and "389 bytes to spare" in text and "not counted" in text
+    assert "OVER" not in text
+    assert "OVER CAP by 62,312 bytes" in format_summary(summary)
+    assert code_counts(run) is True
+    cfg = preset("smoke")
+    cfg.quant.cap_counts_code = False
+    (run / "config.toml").write_text(to_toml(cfg))
+    assert code_counts(run) is False

@@ -23,7 +23,7 @@ from pgolf.config import load_run_config, to_toml
 from pgolf.fileio import atomic_write_json, atomic_write_text
 from pgolf.rundir import LOG_FILES, QUANT_JSON, SUMMARY_JSON
 from pgolf.singlefile import BundleError, build_bundle_source, bundle_title
-from pgolf.submit.summary import format_summary, write_summary
+from pgolf.submit.summary import counted_bytes, format_summary, write_summary
 from pgolf.submit.verify import verify_run_for_bundle
 
 # tomli: the config parser on Python 3.10 (tomllib is 3.11+), the challenge's eval image (SPEC §9.1)
@@ -74,12 +74,14 @@ def bundle_run(run_dir: str | Path, out_dir: str | Path, packed: bool | None = N
     source = build_bundle_source(config_toml, bundle_title(cfg.preset), packed=packed)
     code = len(source.encode("utf-8"))
     total = summary["artifact_bytes"] + code
-    if total > cfg.quant.cap_bytes:
-        raise BundleError(
-            f"{run_dir}: code {code:,} + artifact {summary['artifact_bytes']:,} = {total:,} bytes exceeds the "
-            f"cap of {cfg.quant.cap_bytes:,} by {total - cfg.quant.cap_bytes:,}; nothing written"
-        )
     summary = dict(summary, code_bytes=code, total_bytes=total)
+    counted = counted_bytes(summary, cfg.quant.cap_counts_code)
+    if counted > cfg.quant.cap_bytes:
+        what = f"code {code:,} + artifact {summary['artifact_bytes']:,} = " if cfg.quant.cap_counts_code else "artifact "
+        raise BundleError(
+            f"{run_dir}: {what}{counted:,} bytes exceeds the cap of {cfg.quant.cap_bytes:,} by "
+            f"{counted - cfg.quant.cap_bytes:,}; nothing written"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "train_gpt.py", source)
     if os.path.getsize(out_dir / "train_gpt.py") != code:  # pragma: no cover - atomic_write_text writes UTF-8
@@ -105,7 +107,7 @@ def bundle_run(run_dir: str | Path, out_dir: str | Path, packed: bool | None = N
             counted = json.loads((out_dir / name).read_text())
             counted.update(code_bytes=code, total_bytes=counted["artifact_bytes"] + code)
             atomic_write_json(out_dir / name, counted)
-    print(format_summary(summary))
+    print(format_summary(summary, code_counted=cfg.quant.cap_counts_code))
     print(
         f"record folder {out_dir}: train_gpt.py {code:,} bytes{' (packed)' if packed else ''}, total {total:,}"
     )

@@ -82,7 +82,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 def _report(args: argparse.Namespace) -> int:
     from pgolf.submit.report import render_report
-    from pgolf.submit.summary import SUMMARY_FILE, format_summary, read_run_json, run_budgets
+    from pgolf.submit.summary import SUMMARY_FILE, code_counts, format_summary, read_run_json, run_budgets
 
     try:
         path = render_report(args.run_dir, args.out)
@@ -90,7 +90,7 @@ def _report(args: argparse.Namespace) -> int:
         print(f"pgolf: error: {err}", file=sys.stderr)
         return 2
     summary = read_run_json(args.run_dir, SUMMARY_FILE)
-    print(format_summary(summary, *run_budgets(args.run_dir)))
+    print(format_summary(summary, *run_budgets(args.run_dir), code_counts(args.run_dir)))
     print(f"\nreport: {path}")
     return 0
 

@@ -16,7 +16,7 @@ from pgolf.eval.run_eval import evaluate_run, plan_passes
 from pgolf.quant.budget import quant_reserve_seconds
 from pgolf.quant.pipeline import OverCapError, quantize_run
 from pgolf.runtime import barrier, init_distributed
-from pgolf.submit.summary import format_summary, run_budgets, write_summary
+from pgolf.submit.summary import code_counts, format_summary, run_budgets, write_summary
 from pgolf.train.loop import SIGNAL_EXIT, train
 from pgolf.train.preflight import check_inputs
 
@@ -82,7 +82,7 @@ def _run_stages(
     summary = write_summary(run_dir) if dist.is_main else {}
     if verbose and dist.is_main:
         train_budget, eval_budget = run_budgets(run_dir)
-        print(format_summary(summary, train_budget, eval_budget))
+        print(format_summary(summary, train_budget, eval_budget, code_counts(run_dir)))
     if over_cap is not None:
         raise over_cap
     return summary

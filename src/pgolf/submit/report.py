@@ -19,6 +19,7 @@ from pgolf.fileio import atomic_write_bytes, atomic_write_text
 from pgolf.submit.stats import optional_import
 from pgolf.submit.summary import (
     WATERFALL,
+    code_counts,
     eval_results,
     format_summary,
     number,
@@ -161,6 +162,9 @@ def plot_bytes(quant: dict[str, Any], source: str, path: Path) -> Path:
     segments = byte_segments(quant, source)
     cap = number(quant, "cap_bytes", source, integer=True)
     total = number(quant, "total_bytes", source, integer=True)
+    if quant.get("cap_counts_code") is False:  # cpu-golf v2: the cap bounds the artifact alone
+        total = number(quant, "artifact_bytes", source, integer=True)
+        segments = segments[:-1]
     fig = _figure()
     ax = fig.subplots()
     left = 0
@@ -173,7 +177,8 @@ def plot_bytes(quant: dict[str, Any], source: str, path: Path) -> Path:
     ax.set_yticks([])
     ax.set_xlabel("bytes")
     flag = f"OVER CAP by {total - cap:,} B" if total > cap else f"{cap - total:,} B under the cap"
-    ax.set_title(f"artifact + code = {total:,} B: {flag}")
+    counted = "artifact" if quant.get("cap_counts_code") is False else "artifact + code"
+    ax.set_title(f"{counted} = {total:,} B: {flag}")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3, fontsize=8)
     return _save(fig, path)
 
@@ -206,7 +211,7 @@ def render_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
         f"# pgolf report: {run_dir.name}",
         "",
         "```text",
-        format_summary(summary, train_budget, eval_budget),
+        format_summary(summary, train_budget, eval_budget, code_counts(run_dir)),
         "```",
         "",
         "## Training",

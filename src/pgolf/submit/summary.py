@@ -134,6 +134,17 @@ def run_budgets(run_dir: str | Path) -> tuple[float | None, float | None]:
     return (train_budget if train_budget > 0 else None, eval_budget if eval_budget > 0 else None)
 
 
+def counted_bytes(summary: dict[str, Any], code_counted: bool = True) -> int:
+    """The bytes the cap bounds: artifact + code, or the artifact alone on a track that does not count code
+    (cpu-golf v2: `quant.cap_counts_code = false`)."""
+    return summary["total_bytes"] if code_counted else summary["artifact_bytes"]
+
+
+def code_counts(run_dir: str | Path) -> bool:
+    """Whether the run's cap counts the code bytes (its config's quant.cap_counts_code)."""
+    return load_run_config(run_dir).quant.cap_counts_code
+
+
 def final_stage(summary: dict[str, Any]) -> str:
     """Label of the waterfall stage the score comes from (the last one that ran)."""
     ran = [label for _, key, label in WATERFALL if summary.get(key) is not None]
@@ -153,6 +164,7 @@ def format_summary(
     summary: dict[str, Any],
     train_budget_seconds: float | None = DEFAULT_BUDGET_SECONDS,
     eval_budget_seconds: float | None = DEFAULT_BUDGET_SECONDS,
+    code_counted: bool = True,
 ) -> str:
     """A one-screen table: score, bpb waterfall with stage deltas, bytes vs cap, time vs budget."""
     s = summary
@@ -173,17 +185,17 @@ def format_summary(
         lines.append(f"  {label:<12s}{value:10.5f}{delta}")
         previous = value
 
-    total, cap = s["total_bytes"], s["cap_bytes"]
-    if total > cap:
-        flag = f"OVER CAP by {total - cap:,} bytes"
+    counted, cap = counted_bytes(s, code_counted), s["cap_bytes"]
+    if counted > cap:
+        flag = f"OVER CAP by {counted - cap:,} bytes"
     else:
-        flag = f"ok, {cap - total:,} bytes to spare"
+        flag = f"ok, {cap - counted:,} bytes to spare"
     lines += [
         "",
         "bytes",
         f"  {'artifact':<12s}{s['artifact_bytes']:>12,d}",
-        f"  {'code':<12s}{s['code_bytes']:>12,d}",
-        f"  {'total':<12s}{total:>12,d} / cap {cap:,}  {100 * total / cap:5.1f}%  {flag}",
+        f"  {'code':<12s}{s['code_bytes']:>12,d}{'' if code_counted else '   (not counted on this track)'}",
+        f"  {'counted':<12s}{counted:>12,d} / cap {cap:,}  {100 * counted / cap:5.1f}%  {flag}",
         "",
         "time",
         _time_line("train+quant", s["train_seconds"], train_budget_seconds),
