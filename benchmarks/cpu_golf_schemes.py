@@ -51,8 +51,17 @@ SCHEMES = (
         "GPTQ + SDClip int6 matrices / int8 embedding (records)",
         ("quant.method=gptq", "quant.matrix_bits=6", "quant.embed_bits=8"),
     ),
-    Scheme("int5", "GPTQ + SDClip int5", ("quant.method=gptq", "quant.matrix_bits=5", "quant.embed_bits=5")),
-    Scheme("int4", "GPTQ + SDClip int4", ("quant.method=gptq", "quant.matrix_bits=4", "quant.embed_bits=4")),
+    # int5 / int4: the records' k is tuned for int6 / int8, so the clip is searched per tensor at the width
+    Scheme(
+        "int5",
+        "GPTQ int5, clip searched per tensor",
+        ("quant.method=gptq", "quant.matrix_bits=5", "quant.embed_bits=5", "quant.clip_mode=search"),
+    ),
+    Scheme(
+        "int4",
+        "GPTQ int4, clip searched per tensor",
+        ("quant.method=gptq", "quant.matrix_bits=4", "quant.embed_bits=4", "quant.clip_mode=search"),
+    ),
     Scheme(
         "mixed",
         "mixed bits per group, fit from int8 by Hessian cost per byte",
@@ -68,6 +77,7 @@ def scheme_sets(scheme: Scheme, cap: int, calibration_batches: int) -> list[str]
         f"quant.cap_bytes={cap}",
         "quant.fit_to_cap=false",
         "quant.clip_percentile=0",
+        "quant.clip_mode=sigma",
         f"quant.calibration_batches={calibration_batches}",
     ]
     return base + list(scheme.sets)  # later --set entries win
