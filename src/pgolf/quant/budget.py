@@ -81,15 +81,17 @@ def gptq_cost_seconds(
 def measure_calibration_seconds_per_token(
     cfg: RunConfig, model: torch.nn.Module, device: torch.device
 ) -> float:
-    """Time collect_hessians (forward + hooks, looping on) on one batch of the shape calibration really uses
-    (a warm-up call first): a single sequence runs several times slower per token on CPU, and timing it
-    made the reserve 3x the 24 s the cpu-golf quantization really takes."""
+    """Time collect_hessians (forward + hooks, looping on) on one batch of the shape calibration really uses,
+    after a warm-up call on that same batch: a single sequence runs several times slower per token on CPU,
+    and timing it made the reserve 3x the 24 s the cpu-golf quantization really takes."""
     from pgolf.quant.hessian import collect_hessians
 
     seq = cfg.data.train_seq_len
     seqs = max(1, min(calibration_batch_tokens(cfg), MAX_TIMED_TOKENS) // seq)
     ids = torch.randint(0, cfg.model.vocab_size, (seqs, seq))
-    collect_hessians(model, [ids[:1]], device, cfg.train.autocast, average_across_ranks=False)  # warm-up
+    # The warm-up has the timed batch's shape: a first call at a new shape pays one-time costs (kernel and
+    # allocator set-up) that made a cpu-golf v2 estimate 4x the warm time, i.e. ~80 s of a 600 s run.
+    collect_hessians(model, [ids], device, cfg.train.autocast, average_across_ranks=False)
     t0 = time.perf_counter()
     collect_hessians(model, [ids], device, cfg.train.autocast, average_across_ranks=False)
     return (time.perf_counter() - t0) / ids.numel()
