@@ -251,6 +251,8 @@ def test_format_summary_counts_the_artifact_alone_where_code_is_not_counted(tmp_
     assert "99,611 / cap 100,000" in text and "389 bytes to spare" in text and "not counted" in text
     assert "OVER" not in text
     assert "OVER CAP by 62,312 bytes" in format_summary(summary)
+    assert code_counts(run) is False  # make_run_dir writes the cpu-golf (v2) config
+    (run / "config.toml").write_text(to_toml(preset("cpu-golf-2mb")))
     assert code_counts(run) is True
     cfg = preset("smoke")
     cfg.quant.cap_counts_code = False
