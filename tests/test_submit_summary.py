@@ -35,9 +35,10 @@ def make_run_dir(
     train_seconds: float = 570.0,
     eval_seconds: float = 315.0,
 ) -> Path:
-    """A complete run directory (cpu-golf config) whose eval.json holds `modes` in the order given."""
+    """A complete run directory (cpu-golf-2mb config: the v1 track, code counted) whose eval.json holds
+    `modes` in the order given."""
     path.mkdir(parents=True, exist_ok=True)
-    cfg = preset("cpu-golf")
+    cfg = preset("cpu-golf-2mb")
     cfg.train.seed = seed
     (path / "config.toml").write_text(to_toml(cfg))
     train = {
@@ -134,7 +135,7 @@ def test_summary_values_from_the_run_files(tmp_path: Path) -> None:
     assert s["train_seconds"] == pytest.approx(570.0 + 12.5 + 17.5)
     assert s["eval_seconds"] == 315.0
     assert (s["steps"], s["tokens_per_second"]) == (307, 8192.5)
-    assert (s["preset"], s["seed"]) == ("cpu-golf", 42)
+    assert (s["preset"], s["seed"]) == ("cpu-golf-2mb", 42)
 
 
 @pytest.mark.parametrize(
@@ -251,9 +252,9 @@ def test_format_summary_counts_the_artifact_alone_where_code_is_not_counted(tmp_
     assert "99,611 / cap 100,000" in text and "389 bytes to spare" in text and "not counted" in text
     assert "OVER" not in text
     assert "OVER CAP by 62,312 bytes" in format_summary(summary)
-    assert code_counts(run) is False  # make_run_dir writes the cpu-golf (v2) config
-    (run / "config.toml").write_text(to_toml(preset("cpu-golf-2mb")))
-    assert code_counts(run) is True
+    assert code_counts(run) is True  # make_run_dir writes the cpu-golf-2mb (v1) config
+    (run / "config.toml").write_text(to_toml(preset("cpu-golf")))
+    assert code_counts(run) is False
     cfg = preset("smoke")
     cfg.quant.cap_counts_code = False
     (run / "config.toml").write_text(to_toml(cfg))
