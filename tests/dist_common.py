@@ -1,16 +1,39 @@
-"""Helpers for the 2-process gloo tests: a free port and a clean worker exit."""
+"""Helpers for the 2-process gloo tests: a free port, running the ranks, and a clean worker exit."""
 
 from __future__ import annotations
 
+import json
+import multiprocessing as mp
 import os
 import socket
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_two_ranks(worker: Callable[..., None], out: Path, what: str) -> Any:
+    """Spawn worker(rank, 2, port, out) for ranks 0 and 1, wait (killing them after 120 s), check both exited
+    0, and return the JSON rank 0 wrote to `out`."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, 2, port, str(out))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, f"distributed {what} workers timed out"
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return json.loads(Path(out).read_text())
 
 
 def end_worker() -> None:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
 import os
 from pathlib import Path
 
 import pytest
 import torch
-from dist_common import end_worker, free_port
+from dist_common import end_worker, run_two_ranks
 from test_eval_common import tiny_eval_cfg, tiny_model, tiny_stream, tiny_tables  # noqa: F401
 
 pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("one_thread")]
@@ -57,19 +56,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
 def test_two_process_gloo_equals_one_process(tmp_path):
     single = run_modes()
     out = tmp_path / "res.json"
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, 2, port, str(out))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, "distributed eval workers timed out"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    double = json.loads(out.read_text())
+    double = run_two_ranks(worker, out, "eval")
     for mode in ("sliding", "ttt"):
         a, b = single[mode], double[mode]
         assert (a["tokens"], a["bytes"]) == (b["tokens"], b["bytes"])

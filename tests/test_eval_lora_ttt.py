@@ -7,14 +7,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import multiprocessing as mp
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from dist_common import end_worker, free_port
+from dist_common import end_worker, run_two_ranks
 from test_eval_common import tiny_eval_cfg, tiny_model, tiny_tables  # noqa: F401
 from test_eval_run import artifact_is_model_pt, make_run  # noqa: F401
 
@@ -246,19 +245,7 @@ def dist_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_two_gloo_processes_give_the_one_process_score(tmp_path) -> None:
     single = dist_results()
     out = tmp_path / "res.json"
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=dist_worker, args=(r, 2, port, str(out))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, "distributed lora_ttt workers timed out"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    double = json.loads(out.read_text())
+    double = run_two_ranks(dist_worker, out, "lora_ttt")
     for key in ("phases", "steps"):
         assert (single[key]["tokens"], single[key]["bytes"]) == (double[key]["tokens"], double[key]["bytes"])
     assert math.isclose(single["phases"]["loss"], double["phases"]["loss"], rel_tol=1e-6)
