@@ -24,6 +24,7 @@ EXPECTED_PRESETS = {
     "baseline-cpu",
     "cpu-golf",
     "cpu-golf-2mb",
+    "cpu-golf-1855",
     "smoke",
 }
 

@@ -167,3 +167,19 @@ def test_scheme_table_on_two_models_under_a_tiny_cap(smoke_runs, tmp_path, capsy
     table = capsys.readouterr().out
     best = table.split("| scheme | best model")[1]
     assert "| mixed bits per group" in best and "| fp16 | none fits |" in best
+
+
+def test_the_1855_ablation_preset_is_cpu_golf_plus_the_1855_switches():
+    base, c = to_dict(preset("cpu-golf")), to_dict(preset("cpu-golf-1855"))
+    assert base["data"] == c["data"] and base["train"] == c["train"] and base["eval"] == c["eval"]
+    changed = {f"{s}.{k}" for s in ("model", "optim", "quant") for k in c[s] if c[s][k] != base[s][k]}
+    assert changed == {
+        "model.qk_gain_init", "model.smear_gate", "model.sparse_attn_gate", "model.sparse_attn_gate_scale",
+        "model.doc_attention", "model.fused_ce", "model.parallel_mode", "model.parallel_final_lane",
+        "optim.muon_ns_coeffs", "optim.min_lr", "optim.beta2", "optim.warmdown_frac", "optim.ema_decay",
+        "quant.embed_bits", "quant.embed_clip_sigmas", "quant.gate_int8",
+    }  # fmt: skip
+    m, o, q = (preset("cpu-golf-1855").model, preset("cpu-golf-1855").optim, preset("cpu-golf-1855").quant)
+    assert (m.qk_gain_init, m.sparse_attn_gate_scale, m.gate_window) == (5.0, 0.5, 12)
+    assert (o.min_lr, o.beta2, o.warmdown_frac, o.ema_decay) == (0.1, 0.99, 0.85, 0.9965)  # SPEC-1855 §6
+    assert (q.embed_bits, q.embed_clip_sigmas, q.cap_bytes, q.fit_to_cap) == (7, 14.0, 100_000, True)
