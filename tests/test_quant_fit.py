@@ -15,8 +15,29 @@ from pgolf.config.schema import QuantConfig
 from pgolf.fileio import atomic_write_text
 from pgolf.quant import load_artifact_model, quantize_run, read_artifact
 from pgolf.quant.artifact import encode_configured
-from pgolf.quant.fit import FitError, GroupSetting, fit_to_cap, proxy_cost, quantize_with_overrides
-from pgolf.quant.scheme import dequantize_tensor, quantize_state_dict
+from pgolf.quant.fit import (
+    FitError,
+    GroupSetting,
+    base_settings,
+    fit_to_cap,
+    proxy_cost,
+    quantize_with_overrides,
+)
+from pgolf.quant.gptq import dequantize
+from pgolf.quant.pergroup import group_of
+from pgolf.quant.scheme import (
+    dequantize_state_dict,
+    dequantize_tensor,
+    lqer_entries,
+    lqer_tensors,
+    plan_tensors,
+    quantize_state_dict,
+)
+
+# SPEC-1855 §4.1: per-class clips (attention 13.0, MLP 11.5, embedding 14.0, other 12.85) and int7 embedding
+PR1855_QUANT = dict(
+    attn_clip_sigmas=13.0, mlp_clip_sigmas=11.5, embed_clip_sigmas=14.0, matrix_clip_sigmas=12.85, embed_bits=7
+)
 
 
 def fit_run(tmp_path, **quant):
@@ -136,3 +157,84 @@ def test_fit_holds_the_cap_with_a_version_1_container_too():
     budget = len(encode(qts)[0]) - 400
     _, encoded, summary = fit_to_cap(state, hessians, qts, qcfg, budget, encode, role, log=lambda _: None)
     assert len(encoded[0]) <= budget and summary["changes"][-1]["artifact_bytes"] == len(encoded[0])
+
+
+def smoke_state(seed: int = 0):
+    """The smoke model's state_dict (vocab 256) with random Hessians for its matrices."""
+    from pgolf.config import preset
+    from pgolf.model import GPT, param_role
+
+    cfg = preset("smoke")
+    cfg.model.vocab_size = 256
+    torch.manual_seed(seed)
+    state = GPT(cfg.model).state_dict()
+    g = torch.Generator().manual_seed(seed)
+    hessians = {}
+    for name, t in state.items():
+        if param_role(name, t) == "matrix":
+            state[name] = t + torch.randn(t.shape, generator=g) * 0.02
+            x = torch.randn(128, t.shape[1], generator=g)
+            hessians[name] = x.T @ x / 128
+    return state, hessians
+
+
+@pytest.mark.parametrize("clip_mode", ["sigma", "step", "search"])
+def test_every_group_at_its_rule_setting_requantizes_to_the_configured_codes(clip_mode):
+    """The fit's base setting of a group is its rule's bits and clip (per-class clips, int7 embedding, the
+    clip mode's scaled k), and requantizing by the rule at that setting reproduces every code and scale."""
+    from pgolf.model import param_role
+
+    state, hessians = smoke_state()
+    qcfg = QuantConfig(method="gptq", calibration_batches=1, clip_mode=clip_mode, **PR1855_QUANT)
+    plain = quantize_state_dict(state, hessians, qcfg, param_role)
+    base = base_settings(plain, {p.name: p for p in plan_tensors(state, qcfg, param_role)})
+    if clip_mode == "sigma":
+        assert base["attn.c_q"] == base["attn.proj"] == GroupSetting(6, 13.0)
+        assert base["mlp.fc"] == base["mlp.proj"] == GroupSetting(6, 11.5) and base["embed"] == GroupSetting(7, 14.0)
+    if clip_mode == "step":  # k follows the width: 14.0 tuned at int8 is 14·63/127 at int7
+        assert base["embed"] == GroupSetting(7, pytest.approx(14.0 * 63 / 127))
+    again = quantize_with_overrides(state, hessians, qcfg, param_role, base)
+    for name, qt in plain.items():
+        assert torch.equal(again[name].data, qt.data), name
+        assert qt.scale is None or torch.equal(again[name].scale, qt.scale), name
+
+
+def test_per_class_clips_with_the_fit_on_a_model_that_fits_are_the_same_artifact(tmp_path):
+    run, _, _ = fit_run(tmp_path, **PR1855_QUANT)
+    quantize_run(run, sets=["quant.fit_to_cap=false"], verbose=False, code_bytes=0)
+    without = (run / "model.ptz").read_bytes()
+    report = quantize_run(run, sets=["quant.cap_bytes=10000000"], verbose=False, code_bytes=0)
+    assert (run / "model.ptz").read_bytes() == without and "fit" not in report
+
+
+def test_a_binding_cap_with_lqer_and_per_class_clips(tmp_path):
+    """The artifact with its LQER factors is under the cap and loads; the factors are those of the fitted
+    codes (recomputed, never stale), they still reduce the error of their tensors, and the groups the fit
+    left alone keep the codes of the per-class plan."""
+    from pgolf.model import param_role
+
+    run, cfg, model = fit_run(tmp_path, lqer_top_k=3, **PR1855_QUANT)
+    state = model.state_dict()
+    plain = quantize_state_dict(state, {}, cfg.quant, param_role)
+    free = len(encode_configured(plain, cfg.quant)[0])
+    cap = int(free * 0.8)
+    report = quantize_run(run, sets=[f"quant.cap_bytes={cap}"], verbose=False, code_bytes=0)
+    size = (run / "model.ptz").stat().st_size
+    assert report["artifact_bytes"] == size <= cap < free and report["fit"]["changes"]
+    qts, _ = read_artifact(run / "model.ptz")
+    assert lqer_tensors(qts) == report["lqer"] and len(report["lqer"]) == 3
+    codes = {n: qt for n, qt in qts.items() if qt.cls != "lqer"}
+    factors = lqer_entries(state, codes, plan_tensors(state, cfg.quant, param_role), cfg.quant)
+    assert set(factors) == set(qts) - set(codes)
+    assert all(torch.equal(factors[n].data, qts[n].data) for n in factors)
+    overridden = report["fit"]["overrides"]
+    for name, qt in codes.items():
+        if qt.scheme.startswith("int") and group_of(qt) not in overridden:
+            assert torch.equal(qt.data, plain[name].data) and torch.equal(qt.scale, plain[name].scale), name
+    assert any(group_of(codes[n]) in overridden for n in report["lqer"]), "meant to correct a fitted tensor"
+    corrected = dequantize_state_dict(qts)
+    loaded = load_artifact_model(run / "model.ptz", cfg).state_dict()
+    for name in report["lqer"]:
+        W, fitted = state[name].float(), dequantize(codes[name].data, codes[name].scale)
+        assert torch.linalg.matrix_norm(W - corrected[name].float()) < torch.linalg.matrix_norm(W - fitted)
+        assert torch.equal(loaded[name].float(), corrected[name].float())

@@ -107,21 +107,6 @@ def _check(qcfg: QuantConfig) -> None:
     for key in ("attn_clip_sigmas", "mlp_clip_sigmas", "head_clip_sigmas"):
         if getattr(qcfg, key) < 0:
             raise ValueError(f"quant.{key}={getattr(qcfg, key)} must be >= 0 (0 = the class default)")
-    # The fit step (quant/fit.py) requantizes a code group through matrix_* / embed_* alone and keeps the
-    # other entries as they are: per-class / head settings, width-scaled clips and LQER factors would be
-    # silently bypassed or left stale, so the combination is refused until the fit reads the rule table.
-    tabled = {
-        "lqer_top_k": qcfg.lqer_top_k,
-        "attn_clip_sigmas": qcfg.attn_clip_sigmas,
-        "mlp_clip_sigmas": qcfg.mlp_clip_sigmas,
-        "head_bits": qcfg.head_bits,
-        "head_clip_sigmas": qcfg.head_clip_sigmas,
-    }
-    used = [f"quant.{k}={v}" for k, v in tabled.items() if v] + (
-        [f"quant.clip_mode={qcfg.clip_mode}"] if qcfg.clip_mode != "sigma" else []
-    )
-    if qcfg.fit_to_cap and used:
-        raise ValueError(f"quant.fit_to_cap=true cannot be combined with {', '.join(used)} yet")
     if qcfg.lqer_top_k < 0 or qcfg.lqer_rank < 1 or qcfg.lqer_group < 1:
         raise ValueError(
             f"quant.lqer_top_k={qcfg.lqer_top_k} must be >= 0, quant.lqer_rank={qcfg.lqer_rank} and "

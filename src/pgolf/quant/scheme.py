@@ -75,9 +75,15 @@ def default_role_fn() -> RoleFn:
     return param_role
 
 
-def plan_tensors(state: Mapping[str, torch.Tensor], qcfg: QuantConfig, role_fn: RoleFn) -> list[TensorPlan]:
-    """The storage plan of every state_dict entry, in state_dict order (the first matching rule decides)."""
-    rules = rules_from_config(qcfg)
+def plan_tensors(
+    state: Mapping[str, torch.Tensor],
+    qcfg: QuantConfig,
+    role_fn: RoleFn,
+    rules: list[QuantRule] | None = None,
+) -> list[TensorPlan]:
+    """The storage plan of every state_dict entry, in state_dict order (the first matching rule decides);
+    `rules` replaces the config's table (the cap fit prepends its per-tensor overrides, quant/fit.py)."""
+    rules = rules_from_config(qcfg) if rules is None else rules
     plans = []
     for name, t in state.items():
         cls = role_fn(name, t)
@@ -132,12 +138,13 @@ def quantize_state_dict(
     qcfg: QuantConfig,
     role_fn: RoleFn | None = None,
     device: torch.device | str = "cpu",
+    rules: list[QuantRule] | None = None,
 ) -> dict[str, QuantizedTensor]:
-    """Quantize every entry of `state` per `plan_tensors`; GPTQ runs once per (shape, bits) group, on
-    `device` (the accelerator when there is one); the results live on the CPU. With quant.lqer_top_k > 0
-    the LQER factors of the chosen tensors follow the plan's entries (class "lqer")."""
+    """Quantize every entry of `state` per `plan_tensors` (`rules`: see there); GPTQ runs once per (shape,
+    bits) group, on `device` (the accelerator when there is one); the results live on the CPU. With
+    quant.lqer_top_k > 0 the LQER factors of the chosen tensors follow the plan's entries (class "lqer")."""
     role_fn = role_fn or default_role_fn()
-    plans = plan_tensors(state, qcfg, role_fn)
+    plans = plan_tensors(state, qcfg, role_fn, rules)
     out: dict[str, QuantizedTensor] = {}
     groups: dict[tuple, list[TensorPlan]] = {}
     for p in plans:
@@ -179,11 +186,11 @@ def quantize_state_dict(
             out[p.name] = QuantizedTensor(p.name, p.cls, p.scheme, bits, Q[i].cpu(), S[i].cpu(), dtype, ks[i])
     ordered = {p.name: out[p.name] for p in plans}
     if qcfg.lqer_top_k > 0:
-        ordered.update(_lqer_entries(state, ordered, plans, qcfg))
+        ordered.update(lqer_entries(state, ordered, plans, qcfg))
     return ordered
 
 
-def _lqer_entries(
+def lqer_entries(
     state: Mapping[str, torch.Tensor],
     qtensors: Mapping[str, QuantizedTensor],
     plans: list[TensorPlan],
