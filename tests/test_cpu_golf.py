@@ -178,8 +178,11 @@ def test_the_1855_ablation_preset_is_cpu_golf_plus_the_1855_switches():
         "model.doc_attention", "model.fused_ce", "model.parallel_mode", "model.parallel_final_lane",
         "optim.muon_ns_coeffs", "optim.min_lr", "optim.beta2", "optim.warmdown_frac", "optim.ema_decay",
         "quant.embed_bits", "quant.embed_clip_sigmas", "quant.gate_int8",
+        "quant.attn_clip_sigmas", "quant.mlp_clip_sigmas", "quant.lqer_top_k",
     }  # fmt: skip
     m, o, q = (preset("cpu-golf-1855").model, preset("cpu-golf-1855").optim, preset("cpu-golf-1855").quant)
     assert (m.qk_gain_init, m.sparse_attn_gate_scale, m.gate_window) == (5.0, 0.5, 12)
     assert (o.min_lr, o.beta2, o.warmdown_frac, o.ema_decay) == (0.1, 0.99, 0.85, 0.9965)  # SPEC-1855 §6
     assert (q.embed_bits, q.embed_clip_sigmas, q.cap_bytes, q.fit_to_cap) == (7, 14.0, 100_000, True)
+    assert (q.attn_clip_sigmas, q.mlp_clip_sigmas, q.matrix_clip_sigmas) == (13.0, 11.5, 12.85)  # SPEC-1855 §4.1
+    assert (q.lqer_top_k, q.lqer_rank, q.lqer_group) == (3, 4, 64)  # SPEC-1855 §4.4

@@ -215,6 +215,11 @@ def cpu_golf_1855() -> RunConfig:
     m.parallel_mode, m.parallel_final_lane = "lanes1529", "mean"
     o.muon_ns_coeffs, o.min_lr, o.beta2, o.warmdown_frac, o.ema_decay = "polar_express", 0.1, 0.99, 0.85, 0.9965
     q.embed_bits, q.embed_clip_sigmas, q.gate_int8 = 7, 14.0, True
+    q.attn_clip_sigmas, q.mlp_clip_sigmas = 13.0, 11.5  # SPEC-1855 §4.1; other matrices keep 12.85
+    # LQER top-3, rank 4, B in groups of 64 (SPEC-1855 §4.4). At model_dim 64 each row of B [4 x 64] is
+    # exactly one group (one scale per singular vector), and rank 4 is 1/16 of a 64-wide matrix's rank (the
+    # record's 4/512): the factors of 3 attention matrices cost ~740 B of the 100,000 (4 x 64 shape, measured).
+    q.lqer_top_k = 3
     return cfg
 
 
