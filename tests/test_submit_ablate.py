@@ -102,8 +102,8 @@ def test_a_run_over_the_cap_does_not_stop_the_ablation(tmp_path: Path, capsys):
 
     calls = []
 
-    def runner(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
-        calls.append((run_dir.relative_to(tmp_path).as_posix(), cfg.train.seed, cfg.quant.embed_bits, resume))
+    def run(cfg: RunConfig, run_dir: Path, how: object) -> None:
+        calls.append((run_dir.relative_to(tmp_path).as_posix(), cfg.train.seed, cfg.quant.embed_bits, how))
         if cfg.quant.embed_bits == 8:  # int7_embed off: the int8 embedding no longer fits
             atomic_write_json(
                 run_dir / "summary.json", dict(fake_summary(1.3, 20_000, 1.0, 1.0), quant_bpb=None)
@@ -111,15 +111,21 @@ def test_a_run_over_the_cap_does_not_stop_the_ablation(tmp_path: Path, capsys):
             raise OverCapError("over the cap", {})
         atomic_write_json(run_dir / "summary.json", fake_summary(1.5, 5000, 1.0, 1.0))
 
+    def runner(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
+        run(cfg, run_dir, resume)
+
+    def requantizer(cfg: RunConfig, run_dir: Path, trained: Path) -> None:
+        run(cfg, run_dir, trained.relative_to(tmp_path).as_posix())
+
     table = run_ablation(
-        preset("pr1855"), [ablate.TOGGLES["int7_embed"], QK], [5, 6], tmp_path, runner=runner
+        preset("pr1855"), [ablate.TOGGLES["int7_embed"], QK], [5, 6], tmp_path, runner, requantizer
     )
-    assert calls == [
+    assert calls == [  # int7_embed sets quant.* only: its runs requantize the baseline of their seed
         ("baseline/seed_5", 5, 7, False),
-        ("int7_embed/seed_5", 5, 8, False),
+        ("int7_embed/seed_5", 5, 8, "baseline/seed_5"),
         ("qk_gain/seed_5", 5, 7, False),
         ("baseline/seed_6", 6, 7, False),
-        ("int7_embed/seed_6", 6, 8, False),
+        ("int7_embed/seed_6", 6, 8, "baseline/seed_6"),
         ("qk_gain/seed_6", 6, 7, False),
     ]
     int7, qk = table["rows"]
@@ -285,3 +291,61 @@ def test_rerun_reuses_finished_runs_and_continues_unfinished(
     err = capsys.readouterr().err
     assert "holds a run of a different config" in err and "train.iterations: 2 there, 3 planned" in err
     assert calls == []
+
+
+def test_a_quant_only_toggle_requantizes_the_baseline_and_a_mixed_one_retrains(
+    sp8192_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from pgolf import rundir
+    from pgolf.submit import pipeline
+
+    base = preset("smoke")
+    base.data.dir = str(sp8192_shards)
+    for item in FAST:
+        key, _, value = item.partition("=")
+        set_value(base, key, value)
+    real, calls = pipeline.run_pipeline, []
+
+    def runner(cfg: RunConfig, run_dir: Path, **kw):
+        calls.append(Path(run_dir).relative_to(tmp_path).as_posix())
+        return real(cfg, run_dir, **kw)
+
+    mixed = Toggle("mixed", ("model.qk_gain_init=4.0", "quant.method=rtn"), "")
+    toggles = [ablate.TOGGLES["gptq"], mixed]
+    assert ablate.requantizes(toggles[0]) and not ablate.requantizes(mixed)
+    table = run_ablation(base, toggles, [1], tmp_path, runner=runner)
+    assert calls == ["baseline/seed_1", "mixed/seed_1"]  # the quant-only toggle never trained
+    b, g, m = (tmp_path / name / "seed_1" for name in ("baseline", "gptq", "mixed"))
+    assert (g / "model.pt").read_bytes() == (b / "model.pt").read_bytes() != (m / "model.pt").read_bytes()
+    assert (g / "train.json").read_bytes() == (b / "train.json").read_bytes()
+    assert not (g / "checkpoint.pt").exists()
+    quant = {d: json.loads((d / "quant.json").read_text()) for d in (b, g)}
+    assert (quant[b]["method"], quant[g]["method"]) == ("gptq", "rtn")  # its own quantization ...
+    assert (g / "model.ptz").read_bytes() != (b / "model.ptz").read_bytes()
+    sb, sg = (json.loads((d / "summary.json").read_text()) for d in (b, g))
+    assert sg["pre_quant_bpb"] == sb["pre_quant_bpb"] and sg["quant_bpb"] != sb["quant_bpb"]  # ... and eval
+    assert (sg["steps"], sg["tokens_per_second"], sg["seed"]) == (sb["steps"], sb["tokens_per_second"], 1)
+    row_g, row_m = table["rows"]
+    assert row_g["requantized"] and row_g["delta_train_seconds"] == 0.0 and not row_m["requantized"]
+    assert row_g["delta_quant_seconds"] == pytest.approx(sg["train_seconds"] - sb["train_seconds"])
+    assert row_m["delta_quant_seconds"] is None
+    assert row_g["delta_bpb"] == pytest.approx(sg["val_bpb"] - sb["val_bpb"], abs=1e-12)
+    dq = format(row_g["delta_quant_seconds"], "+.1f")
+    assert f"| +0.0 (requantized; quantization {dq} s) |" in (tmp_path / "ablation.md").read_text()
+    rundir.check_fresh(g, ("train", "quant", "eval", "summary"))  # a run dir `pgolf report` accepts
+
+    # resumable: finished runs are reused; an unfinished requantized run is redone from the baseline
+    calls.clear()
+    (g / "summary.json").unlink()
+    requantized = []
+    real_requantize = ablate.requantize
+    monkeypatch.setattr(ablate, "requantize", lambda *a, **k: requantized.append(a[1]) or real_requantize(*a, **k))
+    run_ablation(base, toggles, [1], tmp_path, runner=runner)
+    assert calls == [] and requantized == [g] and (g / "summary.json").is_file()
+    assert (g / "model.pt").read_bytes() == (b / "model.pt").read_bytes()
+
+    # the training reused must be finished and of the same config outside quant / eval
+    with pytest.raises(rundir.StaleRunError, match="run the train stage"):
+        ablate.reuse_training(toggled_config(base, toggles[0]), tmp_path / "x", tmp_path / "nothing")
+    with pytest.raises(ConfigError, match="model.qk_gain_init"):
+        ablate.reuse_training(toggled_config(base, mixed), tmp_path / "y", b)

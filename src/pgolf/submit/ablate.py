@@ -5,6 +5,12 @@ OUT/ablation.json and OUT/ablation.md hold the table, rewritten after every fini
 summary.json exists and whose config.toml equals the planned config is reused, so rerunning the same
 command continues an interrupted ablation.
 
+A toggle that sets only quant.* / eval.* fields (`requantizes`) does not change training: its run takes the
+trained weights of the baseline of the same seed (model.pt hard-linked, train.json and train.log copied) and
+runs only quantize + eval, so its Δtrain s is 0 by construction and the table marks it "requantized". The
+quantization reserve is part of training and stays the baseline's. Runs go seed by seed, the baseline of a
+seed first, so a seed's baseline has finished training before any toggle reuses it.
+
 Δ = toggled-off minus baseline for the same seed (positive Δbpb = the technique helps); the table gives
 the mean of these paired differences and their sample standard deviation.
 """
@@ -13,14 +19,16 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pgolf.config import ConfigError, RunConfig, load_run_config, set_value, to_dict, validate
-from pgolf.fileio import atomic_write_json, atomic_write_text
+from pgolf import rundir
+from pgolf.config import ConfigError, RunConfig, load_run_config, set_value, to_dict, to_toml, validate
+from pgolf.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from pgolf.submit.stats import mean_std
 from pgolf.submit.summary import SUMMARY_FILE, read_run_json
 
@@ -67,8 +75,20 @@ BUILTIN: tuple[Toggle, ...] = (
     Toggle("hessian_clip", ("quant.hessian_clip_lambda=0",), "plain SDClip (no Hessian-aware clip)"),
     Toggle("gptq", ("quant.method=rtn",), "round to nearest with the same scales"),
     Toggle("pergroup", ("quant.compressor=brotli",), "one brotli-11 stream of byte-shuffled codes, #1394's"),
+    Toggle("lqer", ("quant.lqer_top_k=0",), "no LQER correction"),
+    Toggle("class_clips", ("quant.attn_clip_sigmas=0", "quant.mlp_clip_sigmas=0"), "one matrix clip, #1394's"),
+    Toggle("gate_int8", ("quant.gate_int8=false",), "attention gate stored like the other small tensors"),
 )
 TOGGLES: dict[str, Toggle] = {t.name: t for t in BUILTIN}
+
+
+# Config sections that training never reads: a toggle confined to them reuses the baseline's training.
+TRAINING_FREE_SECTIONS = ("quant", "eval")
+
+
+def requantizes(toggle: Toggle) -> bool:
+    """True when the toggle sets only quant.* / eval.* fields (its run reuses the baseline's training)."""
+    return all(item.partition(".")[0].strip() in TRAINING_FREE_SECTIONS for item in toggle.sets)
 
 
 class AlreadyOff(ConfigError):
@@ -193,11 +213,62 @@ def reusable(cfg: RunConfig, directory: Path) -> bool:
 Runner = Callable[..., Any]
 
 
-def _run_one(cfg: RunConfig, directory: Path, runner: Runner) -> None:
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """dst becomes a hard link to src (a copy across file systems), replaced atomically."""
+    tmp = dst.with_name(f".{dst.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        atomic_write_bytes(dst, src.read_bytes())
+
+
+def reuse_training(cfg: RunConfig, directory: Path, trained: Path) -> None:
+    """Make `directory` a run of `cfg` whose train stage is the one in `trained` (a finished run whose config
+    differs from `cfg` only in TRAINING_FREE_SECTIONS): model.pt hard-linked (written atomically by every
+    stage, never in place), train.json and train.log copied, the train stage recorded for `cfg`."""
+    rundir.check_fresh(trained, ("train",))  # finished training, its files as it recorded them
+    theirs, ours = to_dict(load_run_config(trained)), to_dict(cfg)
+    diffs = [d for d in _config_diff(theirs, ours) if d.partition(".")[0] not in TRAINING_FREE_SECTIONS]
+    if diffs:
+        raise ConfigError(f"{directory}: cannot reuse the training of {trained}: {'; '.join(diffs[:3])}")
+    directory.mkdir(parents=True, exist_ok=True)
+    rundir.invalidate_from(directory, "train")
+    rundir.path(directory, rundir.CHECKPOINT).unlink(missing_ok=True)
+    _link_or_copy(rundir.path(trained, rundir.MODEL), rundir.path(directory, rundir.MODEL))
+    for name in (rundir.TRAIN_JSON, rundir.TRAIN_LOG):  # small; train.log is appended in place on resume
+        if rundir.path(trained, name).is_file():
+            atomic_write_bytes(rundir.path(directory, name), rundir.path(trained, name).read_bytes())
+    text = to_toml(cfg)
+    atomic_write_text(rundir.path(directory, rundir.CONFIG), text)
+    rundir.record_stage(directory, "train", text, [], extra={"requantized_from": str(trained)})
+
+
+def requantize(cfg: RunConfig, directory: Path, trained: Path, verbose: bool = True) -> dict[str, Any]:
+    """The run of `cfg` in `directory` on the training of `trained`: quantize + eval + summary only."""
+    from pgolf.eval.run_eval import plan_passes
+    from pgolf.runtime import barrier, init_distributed
+    from pgolf.submit.pipeline import quantize_and_evaluate
+    from pgolf.train.preflight import check_inputs
+
+    check_inputs(cfg, need_eval=True)
+    plan_passes(list(cfg.eval.plan))
+    dist = init_distributed(cfg.train.device)
+    with rundir.RunLock(directory, enabled=dist.is_main):
+        if dist.is_main:
+            print(f"pgolf ablate: {directory} requantizes the training of {trained}")
+            reuse_training(cfg, directory, trained)
+        barrier()
+        return quantize_and_evaluate(cfg, directory, verbose=verbose)
+
+
+def _run_one(run: Runner, *args: Any, **kwargs: Any) -> None:
     from pgolf.quant.pipeline import OverCapError
 
     try:
-        runner(cfg, directory, resume=(directory / "checkpoint.pt").is_file())
+        run(*args, **kwargs)
     except OverCapError:
         pass  # summary.json holds the unquantized score; the table leaves the pair out of Δbpb
 
@@ -208,27 +279,35 @@ def run_ablation(
     seeds: Sequence[int],
     out: str | Path,
     runner: Runner | None = None,
+    requantizer: Runner | None = None,
 ) -> dict[str, Any]:
-    """Every (config, seed) run not already finished, seed by seed, so that an interrupted ablation leaves
-    complete seeds behind; the table is rewritten after each run (rank 0 under torchrun) and returned."""
+    """Every (config, seed) run not already finished, seed by seed (the baseline first), so that an
+    interrupted ablation leaves complete seeds behind; a `requantizes` toggle's run reuses its seed's
+    baseline training (`requantizer(cfg, directory, trained)`, default `requantize`), every other run
+    trains (`runner(cfg, directory, resume=...)`, default run_pipeline). The table is rewritten after each
+    run (rank 0 under torchrun) and returned."""
     from pgolf.runtime import init_distributed
     from pgolf.submit.pipeline import run_pipeline, seed_configs
 
-    runner = runner or run_pipeline
+    runner, requantizer = runner or run_pipeline, requantizer or requantize
     plan = plan_configs(base, toggles)
+    reused = {t.name for t in toggles if requantizes(t)}
     jobs = [
-        (cfg, run_dir(out, name, cfg.train.seed))
+        (name, cfg, run_dir(out, name, cfg.train.seed))
         for seed in seeds
         for name, planned in plan.items()
         for cfg in seed_configs(planned, [seed])
     ]
-    todo = [(c, d) for c, d in jobs if not reusable(c, d)]  # every mismatch reported before training
+    todo = [(n, c, d) for n, c, d in jobs if not reusable(c, d)]  # every mismatch reported before training
     main = init_distributed(base.train.device).is_main
     if main:
         print(f"pgolf ablate {base.preset}: {len(jobs) - len(todo)} of {len(jobs)} runs already done")
     table = ablation_table(out, base.preset, toggles, seeds)
-    for cfg, directory in todo:
-        _run_one(cfg, directory, runner)
+    for name, cfg, directory in todo:
+        if name in reused:
+            _run_one(requantizer, cfg, directory, run_dir(out, BASELINE, cfg.train.seed))
+        else:
+            _run_one(runner, cfg, directory, resume=(directory / "checkpoint.pt").is_file())
         if main:
             table = write_table(out, base.preset, toggles, seeds)
     if main:
@@ -267,7 +346,8 @@ def ablation_table(
 ) -> dict[str, Any]:
     """The table from the summary.json files present: per toggle, paired differences over the seeds whose
     baseline and toggled runs both finished. Δbpb leaves out a pair whose toggled run went over the cap
-    (scored unquantized, its baseline quantized); bytes and seconds use every pair."""
+    (scored unquantized, its baseline quantized); bytes and seconds use every pair. A `requantizes`
+    toggle's row says so ("requantized": its runs reuse the baseline's training, see below)."""
     base = {s: _score(run_dir(out, BASELINE, s)) for s in seeds}
     done = [s for s in seeds if base[s] is not None]
     baseline = {
@@ -283,6 +363,10 @@ def ablation_table(
         pairs = {s: p for s, p in pairs.items() if p[1] is not None}
         lost = {s for s, (b, off) in pairs.items() if _unquantized(off) and not _unquantized(b)}
         scored = {s: off["val_bpb"] - b["val_bpb"] for s, (b, off) in pairs.items() if s not in lost}
+        # A requantized run's training loop is its baseline's (train.json copied): Δtrain s is 0 by
+        # construction, and the difference of the summaries' train_seconds (loop + calibration + GPTQ, the
+        # time charged to the training budget) is the quantization's alone.
+        requant = requantizes(t)
 
         rows.append(
             {
@@ -294,9 +378,11 @@ def ablation_table(
                 "std_bpb": _std(list(scored.values())),
                 "per_seed_delta_bpb": {str(s): d for s, d in scored.items()},
                 "delta_artifact_bytes": _mean_diff(pairs, "artifact_bytes"),
-                "delta_train_seconds": _mean_diff(pairs, "train_seconds"),
+                "delta_train_seconds": 0.0 if requant and pairs else _mean_diff(pairs, "train_seconds"),
                 "delta_eval_seconds": _mean_diff(pairs, "eval_seconds"),
                 "over_cap": len(lost),
+                "requantized": requant,
+                "delta_quant_seconds": _mean_diff(pairs, "train_seconds") if requant else None,
             }
         )
     return {"preset": preset, "seeds": list(seeds), "baseline": baseline, "rows": rows}
@@ -321,6 +407,8 @@ def _cells(row: dict[str, Any]) -> list[str]:
     ]
     if row["over_cap"]:
         cells[1] += f" ({row['over_cap']} over cap)"
+    if row.get("requantized"):
+        cells[4] += f" (requantized; quantization {_num(row['delta_quant_seconds'], '+.1f')} s)"
     return cells
 
 

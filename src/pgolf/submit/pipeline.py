@@ -66,6 +66,16 @@ def _run_stages(
             f"continue with `pgolf run ... --resume`",
             SIGNAL_EXIT[reason],
         )
+    return quantize_and_evaluate(cfg, run_dir, code_bytes, verbose)
+
+
+def quantize_and_evaluate(
+    cfg: RunConfig, run_dir: Path, code_bytes: int | None = None, verbose: bool = True
+) -> dict[str, Any]:
+    """The stages after training, on the model.pt in RUN_DIR: quantize, evaluate, summary.json (also what
+    `pgolf ablate` runs for a toggle that changes only quantization or eval, on the baseline's weights).
+    Over the cap only the unquantized weights are scored and OverCapError is raised after the summary."""
+    dist = init_distributed(cfg.train.device)
     if code_bytes is None:
         from pgolf.singlefile import bundle_code_bytes  # not bundled: a bundled run passes its own size
 
