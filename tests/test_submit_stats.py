@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -160,3 +161,29 @@ def test_cli_against_number_and_runs(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "neither a run directory nor a val_bpb number" in capsys.readouterr().err
     assert main(["stats", str(tmp_path / "absent")]) == 2
     assert "summary.json not found" in capsys.readouterr().err
+
+
+def test_groups_of_different_tokenizers_are_compared_in_bpb() -> None:
+    # CaseOps against plain (the CPU pair of issue 16.5): more tokens per byte, so far fewer nats per token
+    # at nearly the same bpb. Nats per token would call that a 0.38-nat gain; the test must see the bpb.
+    caseops = [
+        RunScore("c1", 2.15321, 3.23971),
+        RunScore("c2", 2.15451, 3.24167),
+        RunScore("c3", 2.16729, 3.26090),
+    ]
+    plain = [
+        RunScore("p1", 2.18190, 3.65575),
+        RunScore("p2", 2.15475, 3.61026),
+        RunScore("p3", 2.16190, 3.62224),
+    ]
+    res = compare_to_runs(caseops, plain, threshold=0.0, alpha=0.05)
+    ratio = statistics.fmean(r.nats_per_bpb for r in plain)
+    bpb_gain = statistics.fmean(r.val_bpb for r in plain) - statistics.fmean(r.val_bpb for r in caseops)
+    assert res.improvement == pytest.approx(ratio * bpb_gain, rel=1e-12)  # 0.0131 nats, not 0.382
+    assert not res.passed  # seeds disagree: 3 runs do not show it
+    assert "compares val_bpb converted at the baseline's" in format_stats(caseops, plain, res)
+    # one tokenizer: the same test on val_loss as before
+    same = compare_to_runs(scores(PR1541_TTT), scores(PR1394_SLIDING))
+    old = [r.val_loss for r in scores(PR1394_SLIDING)]
+    new = [r.val_loss for r in scores(PR1541_TTT)]
+    assert same.improvement == pytest.approx(statistics.fmean(old) - statistics.fmean(new), rel=1e-12)

@@ -10,7 +10,9 @@ H0: E[d] <= threshold, H1: E[d] > threshold.
   d_i = r_i · (B − val_bpb_i); then a one-sample t-test of the d_i against the threshold.
 * Against baseline run directories: a Welch two-sample t-test (unequal variances) of the baseline runs'
   val_loss against the new runs' val_loss shifted by the threshold. Nats per token only compare runs of
-  the same tokenizer; a note is printed when the two groups' nats/bpb ratios differ.
+  the same tokenizer: when the two groups' nats/bpb ratios differ (another tokenizer, e.g. CaseOps against
+  plain), both groups are scored by val_bpb converted at the baseline's mean ratio instead, i.e. the bpb
+  difference expressed in the baseline's nats per token, and a note says so.
 
 scipy is an optional dependency (extras `test`); it is imported only when a test is run.
 """
@@ -147,6 +149,9 @@ def compare_to_runs(
     _check_spread(baseline, "baseline runs")
     new = [r.val_loss for r in runs]
     old = [r.val_loss for r in baseline]
+    if tokenizers_differ(runs, baseline):
+        ratio = statistics.fmean(r.nats_per_bpb for r in baseline)
+        new, old = [ratio * r.val_bpb for r in runs], [ratio * r.val_bpb for r in baseline]
     if statistics.pvariance(new) == 0 and statistics.pvariance(old) == 0:
         raise ValueError("both groups' val_loss values are constant (zero variance): a t-test is undefined")
     scipy_stats = optional_import("scipy.stats", "the record t-test", "test")
@@ -161,6 +166,13 @@ def compare_to_runs(
         p=float(res.pvalue),
         df=float(res.df),
     )
+
+
+def tokenizers_differ(runs: Sequence[RunScore], baseline: Sequence[RunScore]) -> bool:
+    """True when the groups' mean nats/bpb ratios differ by more than RATIO_MISMATCH (other tokenizers)."""
+    ratio_new = statistics.fmean(r.nats_per_bpb for r in runs)
+    ratio_old = statistics.fmean(r.nats_per_bpb for r in baseline)
+    return abs(ratio_new - ratio_old) > RATIO_MISMATCH * ratio_old
 
 
 def _group_lines(title: str, runs: Sequence[RunScore]) -> list[str]:
@@ -183,12 +195,12 @@ def format_stats(
     lines = _group_lines("runs", runs)
     if baseline:
         lines += [""] + _group_lines("baseline", baseline)
-        ratio_new = statistics.fmean(r.nats_per_bpb for r in runs)
-        ratio_old = statistics.fmean(r.nats_per_bpb for r in baseline)
-        if abs(ratio_new - ratio_old) > RATIO_MISMATCH * ratio_old:
+        if tokenizers_differ(runs, baseline):
+            ratio_new = statistics.fmean(r.nats_per_bpb for r in runs)
+            ratio_old = statistics.fmean(r.nats_per_bpb for r in baseline)
             lines.append(
-                f"note: nats/bpb ratios differ ({ratio_new:.4f} vs {ratio_old:.4f}): the groups likely use "
-                "different tokenizers, so nats per token do not compare"
+                f"note: nats/bpb ratios differ ({ratio_new:.4f} vs {ratio_old:.4f}): the groups use different "
+                f"tokenizers, so the test compares val_bpb converted at the baseline's {ratio_old:.4f} nats/bpb"
             )
     if test is not None:
         lines += [
