@@ -23,13 +23,20 @@ from __future__ import annotations
 
 import ast
 import math
-import operator
-from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pgolf.config import RunConfig
 from pgolf.config.schema import SECTIONS
+from pgolf.deadcode import (
+    fold_constant_parameters,
+    make_const,
+    parameters,
+    scope_bindings,
+    simplify,
+    walk_scope,
+)
+from pgolf.minify import module_aliases
 
 # Annotation name -> the config path of its instances ("" = the RunConfig itself).
 CONFIG_CLASSES = {
@@ -48,90 +55,10 @@ CONFIG_LOADERS = frozenset({"load_run_config"})
 NEVER_FOLD = frozenset({"data.dir", "data.tokenizer", "train.seed"})
 # Modules that write config fields only while applying the environment (which record.main guards).
 ENV_WRITERS = frozenset({"pgolf.config.env", "pgolf.config.overrides"})
-_COMPARE = {
-    ast.Eq: operator.eq,
-    ast.NotEq: operator.ne,
-    ast.Lt: operator.lt,
-    ast.LtE: operator.le,
-    ast.Gt: operator.gt,
-    ast.GtE: operator.ge,
-    ast.Is: operator.is_,
-    ast.IsNot: operator.is_not,
-    ast.In: lambda a, b: a in b,
-    ast.NotIn: lambda a, b: a not in b,
-}
-_ARITH = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Mod: operator.mod,
-    ast.FloorDiv: operator.floordiv,
-}
-_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
-_COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
-
-
 def _literal(value: Any) -> bool:
     if isinstance(value, float):
         return math.isfinite(value)
     return value is None or isinstance(value, (bool, int, str))
-
-
-def _const(node: ast.AST) -> tuple[bool, Any]:
-    """(is a literal, its value): a Constant, or a tuple of Constants."""
-    if isinstance(node, ast.Constant):
-        return True, node.value
-    if isinstance(node, ast.Tuple) and all(isinstance(e, ast.Constant) for e in node.elts):
-        return True, tuple(e.value for e in node.elts)  # type: ignore[attr-defined]
-    return False, None
-
-
-def _make_const(value: Any) -> ast.expr:
-    if isinstance(value, (list, tuple)):
-        return ast.Tuple(elts=[ast.Constant(v) for v in value], ctx=ast.Load())
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-        return ast.UnaryOp(op=ast.USub(), operand=ast.Constant(-value))  # as the parser writes it
-    return ast.Constant(value)
-
-
-def _bindings(body: Iterable[ast.AST]) -> tuple[dict[str, int], set[str]]:
-    """(binding sites per name in one scope, names declared global/nonlocal), nested scopes not entered
-    except for walrus targets, which bind in the enclosing function."""
-    count: dict[str, int] = {}
-    declared: set[str] = set()
-    todo = list(body)
-
-    def bind(name: str) -> None:
-        count[name] = count.get(name, 0) + 1
-
-    while todo:
-        node = todo.pop()
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            bind(node.name)
-            todo.extend(node.decorator_list)
-            continue
-        if isinstance(node, ast.Lambda):
-            continue
-        if isinstance(node, _COMPREHENSIONS):
-            todo.extend(n for n in ast.walk(node) if isinstance(n, ast.NamedExpr))
-            continue
-        if isinstance(node, (ast.Global, ast.Nonlocal)):
-            declared.update(node.names)
-        elif isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
-            bind(node.id)
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            for a in node.names:
-                bind((a.asname or a.name).split(".")[0])
-        elif isinstance(node, ast.ExceptHandler) and node.name:
-            bind(node.name)
-        elif isinstance(node, ast.MatchAs | ast.MatchStar) and node.name:  # type: ignore[operator]
-            bind(node.name)
-        todo.extend(ast.iter_child_nodes(node))
-    return count, declared
-
-
-def _params(args: ast.arguments) -> list[ast.arg]:
-    return [a for a in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg] if a]
 
 
 def _assigned_pairs(node: ast.AST) -> list[tuple[ast.expr, ast.expr]]:
@@ -148,20 +75,9 @@ def _single_assignments(body: list[ast.stmt]) -> list[tuple[str, ast.expr]]:
     """(name, value) of the simple assignments to names in one scope, in source order."""
     out = []
     for node in body:
-        for sub in _walk_scope(node):
+        for sub in walk_scope(node):
             out.extend((t.id, v) for t, v in _assigned_pairs(sub) if isinstance(t, ast.Name))
     return out
-
-
-def _walk_scope(node: ast.AST) -> Iterable[ast.AST]:
-    """ast.walk, not entering nested functions, lambdas, classes or comprehensions."""
-    todo = [node]
-    while todo:
-        sub = todo.pop()
-        yield sub
-        for child in ast.iter_child_nodes(sub):
-            if not isinstance(child, (*_SCOPES, *_COMPREHENSIONS)):
-                todo.append(child)
 
 
 @dataclass
@@ -211,8 +127,8 @@ def _method_self_targets(trees: dict[str, ast.Module]) -> set[int]:
             if not isinstance(node, ast.ClassDef) or node.name in CONFIG_CLASSES:
                 continue
             for method in filter(_is_method, node.body):
-                params = _params(method.args)  # type: ignore[attr-defined]
-                for sub in _walk_scope(method):
+                params = parameters(method.args)  # type: ignore[attr-defined]
+                for sub in walk_scope(method):
                     if isinstance(sub, ast.Attribute) and not isinstance(sub.ctx, ast.Load) and params:
                         if isinstance(sub.value, ast.Name) and sub.value.id == params[0].arg:
                             out.add(id(sub))
@@ -246,8 +162,8 @@ class _Scope:
 
     def __init__(self, fold: Folding, outer: dict[str, Any], node: ast.AST, cls: str | None) -> None:
         body = node.body if isinstance(node.body, list) else [node.body]  # type: ignore[attr-defined]
-        params = _params(node.args) if hasattr(node, "args") else []  # type: ignore[attr-defined]
-        count, declared = _bindings(body)
+        params = parameters(node.args) if hasattr(node, "args") else []  # type: ignore[attr-defined]
+        count, declared = scope_bindings(body)
         for p in params:
             count[p.arg] = count.get(p.arg, 0) + 1
         self.fold, self.cls = fold, cls
@@ -313,10 +229,10 @@ def _self_attributes(trees: dict[str, ast.Module], fold: Folding) -> dict[str, d
                 continue
             for stmt in node.body:
                 if not _is_method(stmt):  # class-level bindings: dataclass fields, class attributes
-                    unsafe.update(f"{node.name}.{name}" for name in _bindings([stmt])[0])
+                    unsafe.update(f"{node.name}.{name}" for name in scope_bindings([stmt])[0])
                     continue
                 scope = _Scope(fold, {}, stmt, node.name)
-                for sub in _walk_scope(stmt):
+                for sub in walk_scope(stmt):
                     for t, value in _assigned_pairs(sub):
                         if isinstance(t, ast.Attribute) and getattr(t.value, "id", None) == scope.self_name:
                             sites.setdefault(t.attr, []).append((node.name, scope.resolve(value)))
@@ -422,99 +338,19 @@ class _Substitute(ast.NodeTransformer):
         if not self.fold.foldable(path, self.in_test > 0, membership):
             return node
         self.fold.folded.add(path)
-        return ast.copy_location(_make_const(value), node)
+        return ast.copy_location(make_const(value), node)
 
     visit_Attribute = visit_Name = _read
 
 
-def _truthy(node: ast.AST) -> tuple[bool, bool]:
-    """(is a literal, its truth value)."""
-    known, value = _const(node)
-    return (True, bool(value)) if known else (False, False)
-
-
-def _cuts_function(body: list[ast.stmt]) -> bool:
-    """A yield (makes the function a generator) or a global/nonlocal declaration (changes its scope)."""
-    for stmt in body:
-        for sub in _walk_scope(stmt):
-            if isinstance(sub, (ast.Yield, ast.YieldFrom, ast.Await, ast.Global, ast.Nonlocal)):
-                return True
-    return False
-
-
-class _Simplify(ast.NodeTransformer):
-    """Evaluate tests made of literals and keep only the branch that runs."""
-
-    def visit_BoolOp(self, node: ast.BoolOp) -> ast.AST:
-        self.generic_visit(node)
-        keep: list[ast.expr] = []
-        for i, value in enumerate(node.values):
-            known, truth = _truthy(value)
-            last = i == len(node.values) - 1
-            if known and truth == isinstance(node.op, ast.And) and not last:
-                continue  # `True and y` is y, `False or y` is y
-            keep.append(value)
-            if known:
-                break  # `False and y` is False, `True or y` is True: y never runs
-        return keep[0] if len(keep) == 1 else ast.copy_location(ast.BoolOp(op=node.op, values=keep), node)
-
-    def visit_UnaryOp(self, node: ast.UnaryOp) -> ast.AST:
-        self.generic_visit(node)
-        known, truth = _truthy(node.operand)
-        if known and isinstance(node.op, ast.Not):
-            return ast.copy_location(ast.Constant(not truth), node)
-        return node
-
-    def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
-        self.generic_visit(node)
-        (ka, a), (kb, b) = _const(node.left), _const(node.right)
-        op = _ARITH.get(type(node.op))
-        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
-        if ka and kb and op is not None and numbers and not (isinstance(node.op, (ast.Mod, ast.FloorDiv)) and b == 0):
-            return ast.copy_location(_make_const(op(a, b)), node)
-        return node
-
-    def visit_Compare(self, node: ast.Compare) -> ast.AST:
-        self.generic_visit(node)
-        operands = [_const(n) for n in [node.left, *node.comparators]]
-        if not all(k for k, _ in operands) or any(isinstance(o, (ast.Is, ast.IsNot)) for o in node.ops):
-            return node
-        values = [v for _, v in operands]
-        result = all(_COMPARE[type(op)](values[i], values[i + 1]) for i, op in enumerate(node.ops))
-        return ast.copy_location(ast.Constant(result), node)
-
-    def visit_IfExp(self, node: ast.IfExp) -> ast.AST:
-        self.generic_visit(node)
-        known, truth = _truthy(node.test)
-        return (node.body if truth else node.orelse) if known else node
-
-    def visit_If(self, node: ast.If) -> Any:
-        self.generic_visit(node)
-        known, truth = _truthy(node.test)
-        if not known or _cuts_function(node.orelse if truth else node.body):
-            return node
-        return node.body if truth else node.orelse
-
-    def visit_While(self, node: ast.While) -> Any:
-        self.generic_visit(node)
-        known, truth = _truthy(node.test)
-        return node.orelse if known and not truth and not _cuts_function(node.body) else node
-
-
-class _FillEmpty(ast.NodeTransformer):
-    def generic_visit(self, node: ast.AST) -> ast.AST:
-        super().generic_visit(node)
-        for name in ("body", "orelse", "finalbody"):
-            value = getattr(node, name, None)
-            if isinstance(value, list) and not value and name == "body" and not isinstance(node, ast.Module):
-                setattr(node, name, [ast.Pass()])
-        return node
-
-
-def fold_config(trees: dict[str, ast.Module], shipped: dict[str, ast.Module], cfg: RunConfig) -> set[str]:
-    """Fold `cfg` into the bundled modules' trees (in place, before strip_tree: annotations prove types);
-    returns the dotted fields whose values the bundle now fixes. `shipped`: the code the bundle keeps
-    before folding (minify.shake), a superset of what runs: only its writes can change a field."""
+def fold_config(
+    parsed: dict[str, tuple[bool, ast.Module]], shipped: dict[str, ast.Module], cfg: RunConfig, roots: set[str]
+) -> set[str]:
+    """Fold `cfg` into the bundled modules' trees ({module: (is_package, tree)}, changed in place, before
+    strip_tree: annotations prove types); returns the dotted fields whose values the bundle now fixes.
+    `shipped`: the code the bundle keeps before folding (minify.shake), a superset of what runs: only its
+    writes can change a field, only its calls pass parameters. `roots`: functions called from outside."""
+    trees = {name: tree for name, (_, tree) in parsed.items()}
     fold = Folding(cfg)
     names = {p.rpartition(".")[2] for p in fold.values}
     fold.unstable = _unstable_fields(shipped, names)
@@ -527,6 +363,12 @@ def fold_config(trees: dict[str, ast.Module], shipped: dict[str, ast.Module], cf
                     node.body = sub.visit(node.body)
                 else:
                     node.body = [sub.visit(s) for s in node.body]  # type: ignore[attr-defined]
-    for name, tree in trees.items():
-        trees[name] = ast.fix_missing_locations(_FillEmpty().visit(_Simplify().visit(tree)))
+    for tree in trees.values():
+        simplify(tree)
+    live = {id(stmt) for tree in shipped.values() for stmt in tree.body}
+    done: set[tuple[int, int]] = set()
+    modules = module_aliases(parsed)
+    while fold_constant_parameters(trees, live, roots, modules, done):
+        for tree in trees.values():
+            simplify(tree)
     return fold.folded

@@ -30,6 +30,7 @@ import brotli
 
 from pgolf.config import RunConfig, to_toml, validate
 from pgolf.config.overrides import from_dict, tomllib
+from pgolf.deadcode import prune_methods
 from pgolf.fold import fold_config
 from pgolf.minify import compact, from_module, imported_modules, shake, strip_tree
 from pgolf.submit.record import FEATURE_MODULES
@@ -157,12 +158,14 @@ def _bundle_parts(cfg: RunConfig, packed: bool, entry: str) -> tuple[dict[str, t
         tree = _UnbindImports(name, is_package, left_out).visit(ast.parse(source))
         parsed[name] = (is_package, _unbind_definitions(tree, unbound.get(name, set())))
     shipped = {name: tree for name, (_, tree) in shake(parsed, entry, set(ENTRY_ROOTS)).items()}
-    fixed = fold_config({name: tree for name, (_, tree) in parsed.items()}, shipped, validate(copy.deepcopy(cfg)))
+    fixed = fold_config(parsed, shipped, validate(copy.deepcopy(cfg)), set(ENTRY_ROOTS))
     trees = {}
     for name, (is_package, tree) in parsed.items():
         trees[name] = (is_package, strip_tree(tree) if packed else ast.fix_missing_locations(tree))
+    shaken = shake(trees, entry, set(ENTRY_ROOTS))
+    prune_methods({name: tree for name, (_, tree) in shaken.items()})
     out = {}
-    for name, (is_package, tree) in shake(trees, entry, set(ENTRY_ROOTS)).items():
+    for name, (is_package, tree) in shaken.items():
         text = ast.unparse(tree)
         text = compact(text) if packed and text else text
         check_py310(text, f"{name} (as bundled)")
