@@ -155,9 +155,10 @@ class _Simplify(ast.NodeTransformer):
     def visit_Compare(self, node: ast.Compare) -> ast.AST:
         self.generic_visit(node)
         operands = [_const(n) for n in [node.left, *node.comparators]]
-        if not all(k for k, _ in operands) or any(isinstance(o, (ast.Is, ast.IsNot)) for o in node.ops):
-            return node
         values = [v for _, v in operands]
+        singletons = any(v is None or isinstance(v, bool) for v in values)  # `x is None`: defined for any x
+        if not all(k for k, _ in operands) or (any(isinstance(o, (ast.Is, ast.IsNot)) for o in node.ops) and not singletons):
+            return node
         result = all(_COMPARE[type(op)](values[i], values[i + 1]) for i, op in enumerate(node.ops))
         return ast.copy_location(ast.Constant(result), node)
 
@@ -337,6 +338,18 @@ def _literal_key(node: ast.expr | None) -> tuple[bool, Any]:
     return (True, (type(value), value)) if known and immutable else (False, None)
 
 
+def _identity_tested(fn: ast.AST, name: str) -> bool:
+    """Whether `name` is an operand of `is` / `is not` beside anything but None, True or False."""
+    for node in ast.walk(fn):
+        if isinstance(node, ast.Compare) and any(isinstance(o, (ast.Is, ast.IsNot)) for o in node.ops):
+            operands = [node.left, *node.comparators]
+            if any(isinstance(o, ast.Name) and o.id == name for o in operands):
+                others = [o for o in operands if not (isinstance(o, ast.Name) and o.id == name)]
+                if not all(isinstance(o, ast.Constant) and (o.value is None or isinstance(o.value, bool)) for o in others):
+                    return True
+    return False
+
+
 def _replace_loads(fn: ast.AST, name: str, value: Any) -> bool:
     """Replace the reads of parameter `name` in `fn`'s body (nested scopes included) by `value`; refuses
     (False, nothing changed) when anything in the body binds or declares `name` again."""
@@ -354,6 +367,9 @@ def _replace_loads(fn: ast.AST, name: str, value: Any) -> bool:
             return False
         if isinstance(node, (ast.Import, ast.ImportFrom)) and any((a.asname or a.name) == name for a in node.names):
             return False
+
+    if not (value is None or isinstance(value, bool)) and _identity_tested(fn, name):
+        return False  # `5 is x` is a SyntaxWarning, and says nothing about equality
 
     class _Put(ast.NodeTransformer):
         def visit_Name(self, node: ast.Name) -> ast.AST:

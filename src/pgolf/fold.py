@@ -48,6 +48,7 @@ CONFIG_CLASSES = {
     "QuantConfig": "quant",
     "EvalConfig": "eval",
 }
+LITERAL = "literal"  # (LITERAL, value, its type): a `self.<attr>` every assignment of which binds that literal
 # Functions returning the run's RunConfig: in a bundled run every run-directory config.toml was written
 # from the run's config (a run directory trained under another config is refused by its fingerprints).
 CONFIG_LOADERS = frozenset({"load_run_config"})
@@ -235,17 +236,15 @@ def _self_attributes(trees: dict[str, ast.Module], fold: Folding) -> dict[str, d
                 for sub in walk_scope(stmt):
                     for t, value in _assigned_pairs(sub):
                         if isinstance(t, ast.Attribute) and getattr(t.value, "id", None) == scope.self_name:
-                            sites.setdefault(t.attr, []).append((node.name, scope.resolve(value)))
+                            found = scope.resolve(value)
+                            if isinstance(value, ast.Constant) and _literal(value.value):
+                                found = (LITERAL, value.value, type(value.value))  # `self.gate = None`, folded
+                            sites.setdefault(t.attr, []).append((node.name, found))
                             self_sites.add(id(t))
     for module, tree in trees.items():
         for node in ast.walk(tree):
-            targets = []
-            if isinstance(node, (ast.Assign, ast.Delete)):
-                targets = node.targets
-            elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
-                targets = [node.target]
-            for t in targets:
-                unsafe.update(s.attr for s in ast.walk(t) if isinstance(s, ast.Attribute) and id(s) not in self_sites)
+            if isinstance(node, ast.Attribute) and not isinstance(node.ctx, ast.Load) and id(node) not in self_sites:
+                unsafe.add(node.attr)  # any other write: `x.attr = ...`, `self.attr += 1`, `for self.attr in`
             if isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("setattr", "delattr"):
                 name = node.args[1] if len(node.args) > 1 else None
                 if isinstance(name, ast.Constant) and isinstance(name.value, str):
@@ -277,6 +276,7 @@ class _Substitute(ast.NodeTransformer):
         self.scope, self.fold, self.collect = scope, fold, collect
         self.in_test = 0
         self.membership: ast.AST | None = None
+        self.identity: set[int] = set()  # operands of `is` beside something not None/True/False
 
     def _skip(self, node: ast.AST) -> ast.AST:
         return node
@@ -306,6 +306,12 @@ class _Substitute(ast.NodeTransformer):
 
     def visit_Compare(self, node: ast.Compare) -> ast.AST:
         self.in_test += 1
+        if any(isinstance(o, (ast.Is, ast.IsNot)) for o in node.ops):  # `5 is x`: a SyntaxWarning
+            operands = [node.left, *node.comparators]
+            for o in operands:
+                others = [p for p in operands if p is not o]
+                if not all(isinstance(p, ast.Constant) and (p.value is None or isinstance(p.value, bool)) for p in others):
+                    self.identity.add(id(o))
         node.left = self.visit(node.left)
         for i, (op, comp) in enumerate(zip(node.ops, node.comparators)):
             self.membership = comp if isinstance(op, (ast.In, ast.NotIn)) else None
@@ -328,6 +334,10 @@ class _Substitute(ast.NodeTransformer):
     def _read(self, node: ast.Attribute | ast.Name) -> ast.AST:
         path = self.scope.resolve(node) if isinstance(node.ctx, ast.Load) else None
         membership, self.membership = self.membership is node, None
+        if isinstance(path, tuple) and not self.collect:  # (LITERAL, value, type): an attribute's only value
+            if id(node) in self.identity and not (path[1] is None or isinstance(path[1], bool)):
+                return node
+            return ast.copy_location(make_const(path[1]), node)
         if not isinstance(path, str) or path not in self.fold.values:
             return self.generic_visit(node)
         value = self.fold.values[path]
@@ -336,6 +346,8 @@ class _Substitute(ast.NodeTransformer):
                 self.fold.numeric_tests.add(path)
             return node
         if not self.fold.foldable(path, self.in_test > 0, membership):
+            return node
+        if id(node) in self.identity and not (value is None or isinstance(value, bool)):
             return node
         self.fold.folded.add(path)
         return ast.copy_location(make_const(value), node)
@@ -354,17 +366,18 @@ def fold_config(
     fold = Folding(cfg)
     names = {p.rpartition(".")[2] for p in fold.values}
     fold.unstable = _unstable_fields(shipped, names)
-    fold.self_attrs = _self_attributes(shipped, fold)
-    for collect in (True, False):
+    for _ in range(2):  # the second round: attributes that the first one left bound to one literal
+        fold.self_attrs = _self_attributes(shipped, fold)
+        for collect in (True, False):
+            for tree in trees.values():
+                for node, scope in list(_function_scopes(tree, fold)):
+                    sub = _Substitute(scope, fold, collect)
+                    if isinstance(node, ast.Lambda):
+                        node.body = sub.visit(node.body)
+                    else:
+                        node.body = [sub.visit(s) for s in node.body]  # type: ignore[attr-defined]
         for tree in trees.values():
-            for node, scope in list(_function_scopes(tree, fold)):
-                sub = _Substitute(scope, fold, collect)
-                if isinstance(node, ast.Lambda):
-                    node.body = sub.visit(node.body)
-                else:
-                    node.body = [sub.visit(s) for s in node.body]  # type: ignore[attr-defined]
-    for tree in trees.values():
-        simplify(tree)
+            simplify(tree)
     live = {id(stmt) for tree in shipped.values() for stmt in tree.body}
     done: set[tuple[int, int]] = set()
     modules = module_aliases(parsed)

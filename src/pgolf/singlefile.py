@@ -90,7 +90,8 @@ def check_py310(source: str, name: str) -> None:
         raise BundleError(f"{name}:{err.lineno}: not valid Python 3.10 syntax ({err.msg})") from None
 
 
-# Definitions reached only on branches that data selects, not the config (an artifact's format version):
+# Definitions reached only on branches that data selects, not the config (an artifact's format version,
+# its LQER entries):
 # a bundled run reads only the files it wrote itself, so without the feature they are never called. Each
 # entry: (does the config use the feature, the "module:name" definitions it needs). A bundle without the
 # feature binds each name to None (pgolf.fold then lets minify.shake drop what only they reached).
@@ -99,7 +100,23 @@ FEATURE_DEFINITIONS = (
         lambda cfg: cfg.quant.compressor == "pergroup",
         ("pgolf.quant.artifact:encode_pergroup", "pgolf.quant.artifact:_decode_pergroup"),
     ),
+    (lambda cfg: cfg.quant.lqer_top_k > 0, ("pgolf.quant.lqer:lqer_correction",)),  # artifact's LQER entries
 )
+
+
+# Tables keyed by dotted config field that a bundle cuts to the fields it does not fix: the values of the
+# fixed ones were checked when it was built, and record.main refuses an env var that changes one.
+FIELD_TABLES = {"pgolf.config.schema": ("RANGES", "CHOICES")}
+
+
+def _cut_field_tables(trees: dict[str, tuple[bool, ast.Module]], fixed: set[str]) -> None:
+    for module, tables in FIELD_TABLES.items():
+        for stmt in trees[module][1].body if module in trees else []:
+            target = stmt.targets[0] if isinstance(stmt, ast.Assign) else getattr(stmt, "target", None)
+            value = getattr(stmt, "value", None)
+            if getattr(target, "id", None) in tables and isinstance(value, ast.Dict):
+                pairs = [(k, v) for k, v in zip(value.keys, value.values) if getattr(k, "value", None) not in fixed]
+                value.keys, value.values = [k for k, _ in pairs], [v for _, v in pairs]
 
 
 def unused_definitions(cfg: RunConfig) -> dict[str, set[str]]:
@@ -159,6 +176,7 @@ def _bundle_parts(cfg: RunConfig, packed: bool, entry: str) -> tuple[dict[str, t
         parsed[name] = (is_package, _unbind_definitions(tree, unbound.get(name, set())))
     shipped = {name: tree for name, (_, tree) in shake(parsed, entry, set(ENTRY_ROOTS)).items()}
     fixed = fold_config(parsed, shipped, validate(copy.deepcopy(cfg)), set(ENTRY_ROOTS))
+    _cut_field_tables(parsed, fixed)
     trees = {}
     for name, (is_package, tree) in parsed.items():
         trees[name] = (is_package, strip_tree(tree) if packed else ast.fix_missing_locations(tree))
