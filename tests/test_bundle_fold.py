@@ -17,7 +17,14 @@ from pgolf.config import preset, to_toml
 from pgolf.deadcode import fold_constant_parameters, prune_methods, simplify
 from pgolf.fold import fold_config
 from pgolf.minify import module_aliases
-from pgolf.singlefile import build_bundle_source, bundle_modules, bundle_title, unpack
+from pgolf.singlefile import (
+    FEATURE_DEFINITIONS,
+    build_bundle_source,
+    bundle_modules,
+    bundle_title,
+    collect_modules,
+    unpack,
+)
 
 HEADER = "from pgolf.config import RunConfig, ModelConfig\n"
 
@@ -163,3 +170,13 @@ def test_a_bundle_refuses_an_env_var_that_changes_a_folded_field(tmp_path: Path)
         "train_gpt.py: model.smear_gate=True: this train_gpt.py was built for model.smear_gate=False"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_every_feature_definition_names_a_definition():
+    """A renamed function would silently stay in every bundle: each entry must name a top-level def."""
+    modules = collect_modules()
+    for _, names in FEATURE_DEFINITIONS:
+        for entry in names:
+            module, _, name = entry.partition(":")
+            tree = ast.parse(modules[module][1])
+            assert any(getattr(s, "name", None) == name for s in tree.body), entry
