@@ -5,7 +5,8 @@
 
 Columns: `closure` packs every module of the entry point's static import closure (docstrings and comments
 stripped, nothing shaken: what bundles shipped before they were cut to the recipe); `lzma` and `brotli`
-pack the shipped source with each codec, `shipped` is the smaller (what `pgolf bundle` writes). Record
+pack the shipped source (the config folded in and dead code cut, docs/bundle.md) with each codec,
+`shipped` is the smaller (what `pgolf bundle` writes). Record
 sizes are the counted code bytes of the record logs (SPEC §6.1, §9.5, SPEC-1855 §5; #1557 counted its unpacked
 122,618-byte script); the goal is at most 1.25x the record's size for the same recipe.
 """

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pgolf import rundir
 from pgolf.cli import main
@@ -87,7 +88,9 @@ def test_bundle_record_folder_and_cap_refusal(smoke_run: Path, tmp_path: Path, c
     assert not (tmp_path / "refused" / "train_gpt.py").exists()
 
 
-def test_bundled_file_runs_without_pgolf(sp8192_shards: Path, tmp_path: Path):
+def test_bundled_file_runs_without_pgolf(sp8192_shards: Path, tmp_path: Path, smoke_run: Path):
+    """The bundle (its config folded into the code, pgolf.fold) trains, quantizes and scores exactly as
+    `pgolf run` with the same config does."""
     cfg = preset("smoke")
     for s in FAST:
         key, value = s.split("=")
@@ -104,6 +107,7 @@ def test_bundled_file_runs_without_pgolf(sp8192_shards: Path, tmp_path: Path):
     hide.mkdir()
     (hide / "sitecustomize.py").write_text(HIDE_PGOLF)
     env = dict(os.environ, PYTHONPATH=str(hide), DATA_DIR=str(data_root), RUN_DIR=str(tmp_path / "rr"))
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # as smoke_run's: the same reduction order
     probe = subprocess.run([sys.executable, "-c", "import pgolf"], env=env, capture_output=True, text=True)
     assert probe.returncode != 0 and "No module named 'pgolf'" in probe.stderr
     proc = subprocess.run(
@@ -115,6 +119,10 @@ def test_bundled_file_runs_without_pgolf(sp8192_shards: Path, tmp_path: Path):
     size = script.stat().st_size
     summary = json.loads((tmp_path / "rr" / "summary.json").read_text())
     assert summary["code_bytes"] == size
+    reference = json.loads((smoke_run / "summary.json").read_text())
+    assert summary["steps"] == reference["steps"]
+    for key in ("val_loss", "val_bpb", "pre_quant_bpb", "quant_bpb", "ttt_bpb"):
+        assert summary[key] == pytest.approx(reference[key], rel=1e-6), key
     assert last[1].startswith(f"Total submission size: {summary['artifact_bytes'] + size} bytes")
 
 

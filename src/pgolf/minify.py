@@ -324,7 +324,7 @@ def _units(name: str, tree: ast.Module, is_package: bool, aliases: frozenset[str
     return out
 
 
-def _module_aliases(trees: dict[str, tuple[bool, ast.Module]]) -> frozenset[str]:
+def module_aliases(trees: dict[str, tuple[bool, ast.Module]]) -> frozenset[str]:
     """Names bound anywhere to a pgolf module object (`import pgolf.x`, `from pgolf.data import bytes`)."""
     out: set[str] = set()
     for name, (is_package, tree) in trees.items():
@@ -340,7 +340,7 @@ def _module_aliases(trees: dict[str, tuple[bool, ast.Module]]) -> frozenset[str]
 
 def shake(trees: dict[str, tuple[bool, ast.Module]], entry: str, roots: set[str]) -> dict[str, tuple[bool, ast.Module]]:
     """The modules reachable from `entry` with only the top-level statements that the roots' names reach."""
-    aliases = _module_aliases(trees)
+    aliases = module_aliases(trees)
     units = {name: _units(name, tree, pkg, aliases) for name, (pkg, tree) in trees.items()}
     live, reached, kept = set(roots), set(), set()
 

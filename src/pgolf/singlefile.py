@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import copy
 import importlib.util
 import lzma
 from pathlib import Path
@@ -27,8 +28,10 @@ if TYPE_CHECKING:
 
 import brotli
 
-from pgolf.config import RunConfig, to_toml
+from pgolf.config import RunConfig, to_toml, validate
 from pgolf.config.overrides import from_dict, tomllib
+from pgolf.deadcode import prune_methods
+from pgolf.fold import fold_config
 from pgolf.minify import compact, from_module, imported_modules, shake, strip_tree
 from pgolf.submit.record import FEATURE_MODULES
 
@@ -87,6 +90,54 @@ def check_py310(source: str, name: str) -> None:
         raise BundleError(f"{name}:{err.lineno}: not valid Python 3.10 syntax ({err.msg})") from None
 
 
+# Definitions reached only on branches that data selects, not the config (an artifact's format version,
+# its LQER entries):
+# a bundled run reads only the files it wrote itself, so without the feature they are never called. Each
+# entry: (does the config use the feature, the "module:name" definitions it needs). A bundle without the
+# feature binds each name to None (pgolf.fold then lets minify.shake drop what only they reached).
+FEATURE_DEFINITIONS = (
+    (
+        lambda cfg: cfg.quant.compressor == "pergroup",
+        ("pgolf.quant.artifact:encode_pergroup", "pgolf.quant.artifact:_decode_pergroup"),
+    ),
+    (lambda cfg: cfg.quant.lqer_top_k > 0, ("pgolf.quant.lqer:lqer_correction",)),  # artifact's LQER entries
+)
+
+
+# Tables keyed by dotted config field that a bundle cuts to the fields it does not fix: the values of the
+# fixed ones were checked when it was built, and record.main refuses an env var that changes one.
+FIELD_TABLES = {"pgolf.config.schema": ("RANGES", "CHOICES")}
+
+
+def _cut_field_tables(trees: dict[str, tuple[bool, ast.Module]], fixed: set[str]) -> None:
+    for module, tables in FIELD_TABLES.items():
+        for stmt in trees[module][1].body if module in trees else []:
+            target = stmt.targets[0] if isinstance(stmt, ast.Assign) else getattr(stmt, "target", None)
+            value = getattr(stmt, "value", None)
+            if getattr(target, "id", None) in tables and isinstance(value, ast.Dict):
+                pairs = [(k, v) for k, v in zip(value.keys, value.values) if getattr(k, "value", None) not in fixed]
+                value.keys, value.values = [k for k, _ in pairs], [v for _, v in pairs]
+
+
+def unused_definitions(cfg: RunConfig) -> dict[str, set[str]]:
+    """{module: names of FEATURE_DEFINITIONS} for the features `cfg` does not use."""
+    out: dict[str, set[str]] = {}
+    for uses, names in FEATURE_DEFINITIONS:
+        if not uses(cfg):
+            for entry in names:
+                module, _, name = entry.partition(":")
+                out.setdefault(module, set()).add(name)
+    return out
+
+
+def _unbind_definitions(tree: ast.Module, names: set[str]) -> ast.Module:
+    for i, stmt in enumerate(tree.body):
+        if isinstance(stmt, (ast.FunctionDef, ast.ClassDef)) and stmt.name in names:
+            unbound = ast.Assign(targets=[ast.Name(id=stmt.name, ctx=ast.Store())], value=ast.Constant(None))
+            tree.body[i] = ast.copy_location(unbound, stmt)
+    return tree
+
+
 def unused_feature_modules(cfg: RunConfig) -> set[str]:
     """Modules of eval modes `cfg.eval.plan` does not run: the bundle leaves them out."""
     return {module for module, mode in FEATURE_MODULES.items() if mode not in cfg.eval.plan}
@@ -109,21 +160,35 @@ class _UnbindImports(ast.NodeTransformer):
 
 def bundle_modules(cfg: RunConfig, packed: bool, entry: str = ENTRY_MODULE) -> dict[str, tuple[bool, str]]:
     """{module: (is_package, source)} of what a bundle for `cfg` carries: the entry point's reachable code
-    (minify.shake) without the modules of modes the plan does not run; `packed` strips and compacts it."""
-    left_out = unused_feature_modules(cfg)
-    trees = {}
+    (minify.shake) without the modules of modes the plan does not run, with `cfg` folded into it
+    (pgolf.fold); `packed` strips and compacts it."""
+    return _bundle_parts(cfg, packed, entry)[0]
+
+
+def _bundle_parts(cfg: RunConfig, packed: bool, entry: str) -> tuple[dict[str, tuple[bool, str]], list[str]]:
+    """(bundle_modules, the config fields whose values the bundled code fixes)."""
+    left_out, unbound = unused_feature_modules(cfg), unused_definitions(cfg)
+    parsed = {}
     for name, (is_package, source) in collect_modules(entry).items():
         if any(name == m or name.startswith(m + ".") for m in left_out):
             continue
         tree = _UnbindImports(name, is_package, left_out).visit(ast.parse(source))
+        parsed[name] = (is_package, _unbind_definitions(tree, unbound.get(name, set())))
+    shipped = {name: tree for name, (_, tree) in shake(parsed, entry, set(ENTRY_ROOTS)).items()}
+    fixed = fold_config(parsed, shipped, validate(copy.deepcopy(cfg)), set(ENTRY_ROOTS))
+    _cut_field_tables(parsed, fixed)
+    trees = {}
+    for name, (is_package, tree) in parsed.items():
         trees[name] = (is_package, strip_tree(tree) if packed else ast.fix_missing_locations(tree))
+    shaken = shake(trees, entry, set(ENTRY_ROOTS))
+    prune_methods({name: tree for name, (_, tree) in shaken.items()})
     out = {}
-    for name, (is_package, tree) in shake(trees, entry, set(ENTRY_ROOTS)).items():
+    for name, (is_package, tree) in shaken.items():
         text = ast.unparse(tree)
         text = compact(text) if packed and text else text
         check_py310(text, f"{name} (as bundled)")
         out[name] = (is_package, text)
-    return out
+    return out, sorted(fixed)
 
 
 def config_delta_toml(cfg: RunConfig) -> str:
@@ -158,7 +223,7 @@ sys.meta_path.insert(0,_B())
 def render_bundle(config_toml: str, title: str, minify: bool = False, entry: str = ENTRY_MODULE) -> str:
     """The text of a self-contained train_gpt.py running `entry.main(CONFIG_TOML)`."""
     cfg = from_dict(tomllib.loads(config_toml), "bundle config")
-    modules = bundle_modules(cfg, packed=minify, entry=entry)
+    modules, fixed = _bundle_parts(cfg, minify, entry)
     lines = [] if minify else [f'"""{title} (generated by pgolf bundle; run with torchrun --standalone --nproc_per_node=8)."""']
     lines.append("_MODULES={")
     for name, (is_package, source) in modules.items():
@@ -166,7 +231,8 @@ def render_bundle(config_toml: str, title: str, minify: bool = False, entry: str
     lines.append("}")
     lines.append(_LOADER)
     lines.append(f"CONFIG_TOML={config_delta_toml(cfg)!r}")
-    lines.append(f"if __name__=='__main__':from {entry} import main;sys.exit(main(CONFIG_TOML))")
+    lines.append(f"FIXED={tuple(fixed)!r}")
+    lines.append(f"if __name__=='__main__':from {entry} import main;sys.exit(main(CONFIG_TOML,FIXED))")
     text = "\n".join(lines) + "\n"
     check_py310(text, "train_gpt.py")
     return text

@@ -13,7 +13,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from pgolf.config import ConfigError, from_dict, validate
+from pgolf.config import ConfigError, RunConfig, from_dict, validate
 from pgolf.config.env import apply_env
 from pgolf.config.overrides import tomllib
 from pgolf.runtime import keep_freed_memory, shutdown_distributed
@@ -41,19 +41,30 @@ def check_plan_is_bundled(plan: list[str]) -> None:
                 ) from None
 
 
+def check_fixed_fields(cfg: RunConfig, bundled: RunConfig, fixed: tuple[str, ...]) -> None:
+    """Refuse an env var that changes a field whose value the bundled code was folded with (pgolf.fold)."""
+    for key in fixed:
+        now, then = cfg, bundled
+        for part in key.split("."):
+            now, then = getattr(now, part), getattr(then, part)
+        if now != then:
+            raise ConfigError(f"{key}={now!r}: this train_gpt.py was built for {key}={then!r}; bundle a config with it")
+
+
 def _script_bytes() -> int:
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None) or sys.argv[0]
     return Path(path).stat().st_size
 
 
-def main(config_toml: str) -> int:
+def main(config_toml: str, fixed: tuple[str, ...] = ()) -> int:
     keep_freed_memory()
     try:
         cfg = from_dict(tomllib.loads(config_toml), "embedded config")
         apply_env(cfg, os.environ)
         validate(cfg)
         check_plan_is_bundled(cfg.eval.plan)
+        check_fixed_fields(cfg, from_dict(tomllib.loads(config_toml)), fixed)
     except ConfigError as err:  # a bad env var: one line, before any work
         print(f"train_gpt.py: {err}", file=sys.stderr)
         return 2
