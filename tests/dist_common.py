@@ -18,12 +18,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_ranks(worker: Callable[..., None], out: Path, what: str) -> Any:
-    """Spawn worker(rank, 2, port, out) for ranks 0 and 1, wait (killing them after 120 s), check both exited
-    0, and return the JSON rank 0 wrote to `out`."""
+def gloo_rank(results: Callable[[], Any], rank: int, world: int, port: int, out: str) -> None:
+    """One spawned rank: join the gloo group, compute `results()`, rank 0 writes it to `out` as JSON."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    res = results()
+    if rank == 0:
+        Path(out).write_text(json.dumps(res))
+    end_worker()
+
+
+def run_two_ranks(results: Callable[[], Any], out: Path, what: str) -> Any:
+    """Run `results` (a module-level function, so that spawn can pickle it) in ranks 0 and 1 of a gloo group,
+    wait (killing them after 120 s), check both exited 0, and return the JSON rank 0 wrote to `out`."""
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, 2, port, str(out))) for r in range(2)]
+    procs = [ctx.Process(target=gloo_rank, args=(results, r, 2, port, str(out))) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_submit_pipeline import HIDE_PGOLF
+from test_submit_pipeline import run_without_pgolf
 
 from pgolf.config import PRESETS, preset, to_toml
 from pgolf.config.overrides import from_dict, tomllib
@@ -174,11 +174,7 @@ def test_bundle_refuses_a_plan_it_left_out(tmp_path: Path):
     """pr1394's bundle has no TTT: TTT_ENABLED=1 stops it before any work, naming the mode."""
     script = tmp_path / "train_gpt.py"
     script.write_text(build_bundle_source(to_toml(preset("pr1394")), bundle_title("pr1394"), packed=True))
-    hide = tmp_path / "hide"
-    hide.mkdir()
-    (hide / "sitecustomize.py").write_text(HIDE_PGOLF)
-    env = dict(os.environ, PYTHONPATH=str(hide), TTT_ENABLED="1", RUN_DIR=str(tmp_path / "run"))
-    proc = subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = run_without_pgolf(script, tmp_path, TTT_ENABLED="1", RUN_DIR=str(tmp_path / "run"))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("train_gpt.py: eval.plan runs 'ttt' but this train_gpt.py was bundled without it")
     assert not (tmp_path / "run").exists()

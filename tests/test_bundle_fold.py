@@ -5,13 +5,10 @@ folded field. The standalone run of a folded bundle is in test_submit_pipeline.p
 from __future__ import annotations
 
 import ast
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
-from test_submit_pipeline import HIDE_PGOLF
+from test_submit_pipeline import run_without_pgolf
 
 from pgolf.config import preset, to_toml
 from pgolf.deadcode import fold_constant_parameters, prune_methods, simplify
@@ -160,11 +157,7 @@ def test_a_bundle_refuses_an_env_var_that_changes_a_folded_field(tmp_path: Path)
     script = tmp_path / "train_gpt.py"
     script.write_text(build_bundle_source(to_toml(preset("pr1394")), bundle_title("pr1394"), packed=True))
     assert "FIXED=(" in unpack(script.read_text())
-    hide = tmp_path / "hide"
-    hide.mkdir()
-    (hide / "sitecustomize.py").write_text(HIDE_PGOLF)
-    env = dict(os.environ, PYTHONPATH=str(hide), SMEAR_GATE_ENABLED="1", RUN_DIR=str(tmp_path / "run"))
-    proc = subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = run_without_pgolf(script, tmp_path, SMEAR_GATE_ENABLED="1", RUN_DIR=str(tmp_path / "run"))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith(
         "train_gpt.py: model.smear_gate=True: this train_gpt.py was built for model.smear_gate=False"

@@ -180,7 +180,8 @@ def test_the_1855_ablation_preset_is_cpu_golf_plus_the_1855_switches():
         "quant.embed_bits", "quant.embed_clip_sigmas", "quant.gate_int8",
         "quant.attn_clip_sigmas", "quant.mlp_clip_sigmas", "quant.lqer_top_k",
     }  # fmt: skip
-    m, o, q = (preset("cpu-golf-1855").model, preset("cpu-golf-1855").optim, preset("cpu-golf-1855").quant)
+    cfg = preset("cpu-golf-1855")
+    m, o, q = cfg.model, cfg.optim, cfg.quant
     assert (m.qk_gain_init, m.sparse_attn_gate_scale, m.gate_window) == (5.0, 0.5, 12)
     assert (o.min_lr, o.beta2, o.warmdown_frac, o.ema_decay) == (0.1, 0.99, 0.85, 0.9965)  # SPEC-1855 §6
     assert (q.embed_bits, q.embed_clip_sigmas, q.cap_bytes, q.fit_to_cap) == (7, 14.0, 100_000, True)

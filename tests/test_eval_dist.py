@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 
 import pytest
-import torch
-from dist_common import end_worker, run_two_ranks
+from dist_common import run_two_ranks
 from test_eval_common import tiny_eval_cfg, tiny_model, tiny_stream, tiny_tables  # noqa: F401
 
 pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("one_thread")]
@@ -41,22 +37,11 @@ def run_modes() -> dict:
     return {"sliding": slid.to_dict(), "ttt": ttt.to_dict(), "ttt_b1": small.to_dict()}
 
 
-def worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    res = run_modes()
-    if rank == 0:
-        Path(out).write_text(json.dumps(res))
-    end_worker()
-
 
 def test_two_process_gloo_equals_one_process(tmp_path):
     single = run_modes()
     out = tmp_path / "res.json"
-    double = run_two_ranks(worker, out, "eval")
+    double = run_two_ranks(run_modes, out, "eval")
     for mode in ("sliding", "ttt"):
         a, b = single[mode], double[mode]
         assert (a["tokens"], a["bytes"]) == (b["tokens"], b["bytes"])

@@ -7,13 +7,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from dist_common import end_worker, run_two_ranks
+from dist_common import run_two_ranks
 from test_eval_common import tiny_eval_cfg, tiny_model, tiny_tables  # noqa: F401
 from test_eval_run import artifact_is_model_pt, make_run  # noqa: F401
 
@@ -229,23 +227,12 @@ def dist_results() -> dict:
     return {key: dataclasses.asdict(r) for key, r in (("phases", phases), ("steps", steps), ("plain", plain))}
 
 
-def dist_worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    res = dist_results()
-    if rank == 0:
-        Path(out).write_text(json.dumps(res))
-    end_worker()
-
 
 @pytest.mark.distributed
 def test_two_gloo_processes_give_the_one_process_score(tmp_path) -> None:
     single = dist_results()
     out = tmp_path / "res.json"
-    double = run_two_ranks(dist_worker, out, "lora_ttt")
+    double = run_two_ranks(dist_results, out, "lora_ttt")
     for key in ("phases", "steps"):
         assert (single[key]["tokens"], single[key]["bytes"]) == (double[key]["tokens"], double[key]["bytes"])
     assert math.isclose(single["phases"]["loss"], double["phases"]["loss"], rel_tol=1e-6)

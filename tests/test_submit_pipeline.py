@@ -33,6 +33,20 @@ sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("/src")]
 """
 
 
+def run_without_pgolf(script: Path, tmp_path: Path, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """Run `script` in a Python that cannot import pgolf (a sitecustomize under tmp_path hides the checkout),
+    with `env` added to the environment; cwd is tmp_path."""
+    hide = tmp_path / "hide"
+    hide.mkdir(exist_ok=True)
+    (hide / "sitecustomize.py").write_text(HIDE_PGOLF)
+    full = dict(os.environ, PYTHONPATH=str(hide), **env)
+    probe = subprocess.run([sys.executable, "-c", "import pgolf"], env=full, capture_output=True, text=True)
+    assert probe.returncode != 0 and "No module named 'pgolf'" in probe.stderr
+    return subprocess.run(
+        [sys.executable, str(script)], env=full, cwd=tmp_path, capture_output=True, text=True, timeout=timeout
+    )
+
+
 @pytest.fixture(scope="module")
 def smoke_run(sp8192_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("run") / "smoke"
@@ -103,15 +117,13 @@ def test_bundled_file_runs_without_pgolf(sp8192_shards: Path, tmp_path: Path, sm
     (data_root / "tokenizers").mkdir()
     (data_root / "datasets" / "fineweb10B_sp8192").symlink_to(sp8192_shards)
     (data_root / "tokenizers" / "fineweb_8192_bpe.model").write_bytes((sp8192_shards / "tokenizer.model").read_bytes())
-    hide = tmp_path / "hide"
-    hide.mkdir()
-    (hide / "sitecustomize.py").write_text(HIDE_PGOLF)
-    env = dict(os.environ, PYTHONPATH=str(hide), DATA_DIR=str(data_root), RUN_DIR=str(tmp_path / "rr"))
-    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # as smoke_run's: the same reduction order
-    probe = subprocess.run([sys.executable, "-c", "import pgolf"], env=env, capture_output=True, text=True)
-    assert probe.returncode != 0 and "No module named 'pgolf'" in probe.stderr
-    proc = subprocess.run(
-        [sys.executable, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600
+    proc = run_without_pgolf(
+        script,
+        tmp_path,
+        timeout=600,
+        DATA_DIR=str(data_root),
+        RUN_DIR=str(tmp_path / "rr"),
+        OMP_NUM_THREADS=str(torch.get_num_threads()),  # as smoke_run's: the same reduction order
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-2:]
