@@ -12,7 +12,10 @@ MFU = tokens/s × training FLOPs/token ÷ the matmul peak measured here (bf16 at
 --autocast off); FLOPs/token = 6·(Σ over virtual layers of block matmul params + vocab·d) + 6·passes·d·T.
 
   python benchmarks/train_throughput.py [--threads 2] [--autocast off] [--ns-dtype fp32] [--compile]
-                                        [--grad-accum 8] [--quick]
+                                        [--grad-accum 8] [--quick] [--rows cpu-golf-unlooped]
+                                        [--ab model.smear_gate=true] [--repeat 3]
+--ab KEY=VALUE: each chosen row twice, as is and with the switch, alternated --repeat times in fresh
+processes (A B A B ...), so a switch's step-time cost is a ratio measured side by side.
 --quick: tiny batches and a 512² peak, to check the script runs (numbers then mean little).
 """
 
@@ -22,7 +25,7 @@ import argparse
 import multiprocessing as mp
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 RECORD_1394_EAGER = {False: 3990.0, True: 2910.0}  # SPEC §11: #1394 script, eager, tokens/s
 
@@ -37,10 +40,12 @@ class Row:
     grad_accum: int
     fwd_bwd_only: bool = False
     reference_shape: bool = False
+    sets: tuple[str, ...] = ()
 
 
 def build_cfg(row: Row):
     from pgolf.config import preset
+    from pgolf.config.overrides import apply_sets
 
     cfg = preset(row.preset)
     if row.reference_shape:
@@ -49,6 +54,7 @@ def build_cfg(row: Row):
         m.xsa_last_n = 6  # XSA_LAST_N=11 covers every layer of a 6-layer model
     cfg.data.train_seq_len = row.seq_len
     cfg.data.train_batch_tokens = row.tokens_per_step
+    apply_sets(cfg, list(row.sets))
     return cfg
 
 
@@ -165,6 +171,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny batches and peak size: checks the script runs")
+    ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
+    ap.add_argument("--ab", action="append", default=[], metavar="KEY=VALUE", help="the B side's config switch")
+    ap.add_argument("--repeat", type=int, default=1, help="with --ab: A/B pairs per row")
     args = ap.parse_args()
 
     tokens, pr_tokens, peak_n, steps, warmup = 16_384, 2048, 2048, args.steps, args.warmup
@@ -179,6 +188,16 @@ def main() -> None:
         Row("pr1541-fwdbwd-unlooped", "pr1541", False, pr_tokens, pr_tokens, 1, fwd_bwd_only=True),
         Row("pr1541-fwdbwd-looped", "pr1541", True, pr_tokens, pr_tokens, 1, fwd_bwd_only=True),
     ]
+    if args.rows:
+        rows = [r for r in rows if r.name in args.rows.split(",")]
+    if args.ab:
+        b_side = "+" + ",".join(args.ab)
+        rows = [
+            r2
+            for r in rows
+            for _ in range(args.repeat)
+            for r2 in (r, replace(r, name=(r.name + b_side)[:24], sets=tuple(args.ab)))
+        ]
     import torch
 
     from pgolf.runtime import resolve_precision

@@ -285,3 +285,23 @@ def test_pr1855_model_plan():
     assert ks == {"attn.c_q.weight": 13.0, "attn.c_k.weight": 13.0, "attn.c_v.weight": 13.0, "attn.proj.weight": 13.0,
                   "mlp.fc.weight": 11.5, "mlp.proj.weight": 11.5}
     assert sum(p.rule.lqer for p in plans.values() if p.scheme.startswith("int") and p.rule.method == "gptq") == 67
+
+
+def test_embed_method_rounds_the_embedding_and_keeps_gptq_on_the_matrices():
+    """quant.embed_method=rtn: the tied embedding's codes are an all-RTN quantization's, every matrix's codes
+    an all-GPTQ one's (the two methods differ on both, so a swap or a shared method would fail)."""
+    state, hessians = smoke_state_and_hessians()
+    q = preset("cpu-golf").quant
+    mixed = quantize_state_dict(state, hessians, QuantConfig(**{**vars(q), "embed_method": "rtn"}), param_role)
+    gptq = quantize_state_dict(state, hessians, q, param_role)
+    rtn = quantize_state_dict(state, hessians, QuantConfig(**{**vars(q), "method": "rtn"}), param_role)
+    classes = {qt.cls for qt in mixed.values() if qt.scheme.startswith("int")}
+    assert classes == {"embed", "matrix"}
+    for n, qt in mixed.items():
+        if not qt.scheme.startswith("int"):
+            continue
+        ref, other = (rtn, gptq) if qt.cls == "embed" else (gptq, rtn)
+        assert torch.equal(qt.data, ref[n].data), n
+        assert not torch.equal(qt.data, other[n].data), n
+    rules = {r.name: r.method for r in rules_from_config(QuantConfig(embed_method="rtn"))}
+    assert (rules["embedding"], rules["head"], rules["attention"], rules["mlp"]) == ("rtn", "rtn", "gptq", "gptq")

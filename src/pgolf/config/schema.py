@@ -111,6 +111,9 @@ class TrainConfig:
 @dataclass
 class QuantConfig:
     method: str = "gptq"  # gptq | rtn (round to nearest with the same scales; the baseline's int8)
+    # the tied embedding / head: "" = quant.method. GPTQ fits the tied table to its head Hessian only and
+    # can raise its token-lookup error (docs/quantization.md), so it may be rounded to nearest instead.
+    embed_method: str = ""
     clip_percentile: float = (
         0.0  # >0: per-row clip at this |w| percentile instead of SDClip (baseline 99.99984)
     )
@@ -231,6 +234,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "quant.compressor": ("brotli", "lzma", "zstd", "zlib", "pergroup"),
     "quant.shuffle": ("none", "bshf2", "planes"),
     "quant.method": ("gptq", "rtn"),
+    "quant.embed_method": ("", "gptq", "rtn"),
     "quant.clip_mode": ("sigma", "step", "search"),
 }
 @dataclass(frozen=True)

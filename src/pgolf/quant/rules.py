@@ -49,7 +49,9 @@ class QuantRule:
     min_numel: int = 0
     max_numel: int = 0  # 0 = no bound
     floating: bool | None = True  # True: float tensors only; False: non-float only; None: both
-    method: str = "gptq"  # gptq (GPTQ where a Hessian exists, else round to nearest) | rtn | int8-row | fp16 | raw
+    method: str = (
+        "gptq"  # gptq (GPTQ where a Hessian exists, else round to nearest) | rtn | int8-row | fp16 | raw
+    )
     bits: int = 16
     clip_sigmas: float = 0.0  # SDClip k after the clip mode's width scaling (gptq / rtn)
     tuned_bits: int = 0  # the width clip_sigmas was tuned at (step / search modes scale from it)
@@ -114,7 +116,9 @@ def _check(qcfg: QuantConfig) -> None:
         )
 
 
-def _quantized(name: str, qcfg: QuantConfig, bits: int, k: float, tuned: int, hc: bool, **filters) -> QuantRule:
+def _quantized(
+    name: str, qcfg: QuantConfig, bits: int, k: float, tuned: int, hc: bool, method: str, **filters
+) -> QuantRule:
     """A GPTQ / RTN rule (fp16 when bits = 16), its k scaled per quant.clip_mode."""
     if bits == 16:
         return QuantRule(name, method="fp16", bits=16, **filters)
@@ -122,7 +126,7 @@ def _quantized(name: str, qcfg: QuantConfig, bits: int, k: float, tuned: int, hc
         k = k * qmax_of(bits) / qmax_of(tuned)
     return QuantRule(
         name,
-        method=qcfg.method,
+        method=method,
         bits=bits,
         clip_sigmas=k,
         tuned_bits=tuned,
@@ -159,17 +163,21 @@ def rules_from_config(qcfg: QuantConfig) -> list[QuantRule]:
     mb, eb = qcfg.matrix_bits, qcfg.embed_bits
     hb, hk = qcfg.head_bits or eb, qcfg.head_clip_sigmas or ek
     mt, et = CLIP_TUNED_BITS["matrix"], CLIP_TUNED_BITS["embed"]
-    hce = qcfg.hessian_clip_embed
+    hce, mm, em = qcfg.hessian_clip_embed, qcfg.method, qcfg.embed_method or qcfg.method
     rules += [
-        _quantized("embedding", qcfg, eb, ek, et, hce, cls="embed"),
-        _quantized("head", qcfg, hb, hk, et, hce, cls="head"),
-        _quantized("attention", qcfg, mb, qcfg.attn_clip_sigmas or mk, mt, True, pattern="*.attn.*", cls="matrix"),
-        _quantized("mlp", qcfg, mb, qcfg.mlp_clip_sigmas or mk, mt, True, pattern="*.mlp.*", cls="matrix"),
-        _quantized("matrix", qcfg, mb, mk, mt, True, cls="matrix"),
+        _quantized("embedding", qcfg, eb, ek, et, hce, em, cls="embed"),
+        _quantized("head", qcfg, hb, hk, et, hce, em, cls="head"),
+        _quantized(
+            "attention", qcfg, mb, qcfg.attn_clip_sigmas or mk, mt, True, mm, pattern="*.attn.*", cls="matrix"
+        ),
+        _quantized(
+            "mlp", qcfg, mb, qcfg.mlp_clip_sigmas or mk, mt, True, mm, pattern="*.mlp.*", cls="matrix"
+        ),
+        _quantized("matrix", qcfg, mb, mk, mt, True, mm, cls="matrix"),
     ]
     # Float 2-D tensors of another class that no passthrough rule kept (quant.passthrough=size: large
     # control tensors) are quantized with the embedding's settings, the one choice pgolf has always made.
-    rules.append(_quantized("other (embedding settings)", qcfg, eb, ek, et, hce))
+    rules.append(_quantized("other (embedding settings)", qcfg, eb, ek, et, hce, em))
     return rules
 
 
