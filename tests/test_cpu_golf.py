@@ -13,6 +13,7 @@ import pytest
 
 from pgolf.cli import main as pgolf_main
 from pgolf.config import preset, to_dict
+from pgolf.model import GPT
 from pgolf.quant import budget
 from pgolf.quant.codecs import CODECS
 
@@ -45,15 +46,20 @@ def test_v2_preset_is_the_byte_bound_track():
     q = c.quant
     assert (q.cap_bytes, q.fit_to_cap, q.cap_counts_code, q.compressor) == (100_000, True, False, "pergroup")
     assert q.method == "gptq" and q.calibration_batches == 16 and (q.matrix_bits, q.embed_bits) == (6, 8)
+    assert q.embed_method == "rtn"  # GPTQ for the matrices only (docs/quantization.md)
     assert set(q.codecs) <= set(CODECS) and "ans" in q.codecs
     assert c.train.quant_reserve_seconds == -1.0  # estimated, encode and fit included
     assert (c.model.num_layers, c.model.model_dim, c.model.vocab_size) == (4, 64, 1024)
     # the v1 recipe stays as cpu-golf-2mb; v2 keeps its sequence, batch, optimizer, training and eval
     v1, v2 = to_dict(preset("cpu-golf-2mb")), to_dict(c)
     assert v1["quant"]["cap_bytes"] == 2_000_000 and v1["quant"]["matrix_bits"] == 16
-    for section in ("data", "optim", "train", "eval"):
+    for section in ("data", "optim", "train"):
         assert v1[section] == v2[section], section
-    assert {k for k in v1["model"] if v1["model"][k] != v2["model"][k]} == {"model_dim"}
+    changed = {k for k in v1["eval"] if v1["eval"][k] != v2["eval"][k]}
+    assert changed == {"plan", "lora_ttt_context", "lora_ttt_chunk"}
+    assert (c.eval.plan, c.eval.lora_ttt_context, c.eval.lora_ttt_chunk) == (["quant", "sliding", "lora_ttt"], 512, 192)
+    assert {k for k in v1["model"] if v1["model"][k] != v2["model"][k]} == {"model_dim", "smear_gate"}
+    assert sum(p.numel() for p in GPT(c.model).parameters()) == 214_325  # 214,312 + the smear gate's 12 + 1
 
 
 def test_the_estimated_reserve_covers_the_encode_and_the_fit(monkeypatch):
@@ -174,10 +180,10 @@ def test_the_1855_ablation_preset_is_cpu_golf_plus_the_1855_switches():
     assert base["data"] == c["data"] and base["train"] == c["train"] and base["eval"] == c["eval"]
     changed = {f"{s}.{k}" for s in ("model", "optim", "quant") for k in c[s] if c[s][k] != base[s][k]}
     assert changed == {
-        "model.qk_gain_init", "model.smear_gate", "model.sparse_attn_gate", "model.sparse_attn_gate_scale",
+        "model.qk_gain_init", "model.sparse_attn_gate", "model.sparse_attn_gate_scale",
         "model.doc_attention", "model.fused_ce", "model.parallel_mode", "model.parallel_final_lane",
         "optim.muon_ns_coeffs", "optim.min_lr", "optim.beta2", "optim.warmdown_frac", "optim.ema_decay",
-        "quant.embed_bits", "quant.embed_clip_sigmas", "quant.gate_int8",
+        "quant.embed_bits", "quant.embed_clip_sigmas", "quant.gate_int8", "quant.embed_method",
         "quant.attn_clip_sigmas", "quant.mlp_clip_sigmas", "quant.lqer_top_k",
     }  # fmt: skip
     cfg = preset("cpu-golf-1855")

@@ -291,10 +291,10 @@ def test_embed_method_rounds_the_embedding_and_keeps_gptq_on_the_matrices():
     """quant.embed_method=rtn: the tied embedding's codes are an all-RTN quantization's, every matrix's codes
     an all-GPTQ one's (the two methods differ on both, so a swap or a shared method would fail)."""
     state, hessians = smoke_state_and_hessians()
-    q = preset("cpu-golf").quant
-    mixed = quantize_state_dict(state, hessians, QuantConfig(**{**vars(q), "embed_method": "rtn"}), param_role)
-    gptq = quantize_state_dict(state, hessians, q, param_role)
-    rtn = quantize_state_dict(state, hessians, QuantConfig(**{**vars(q), "method": "rtn"}), param_role)
+    q = vars(preset("cpu-golf").quant)
+    mixed = quantize_state_dict(state, hessians, QuantConfig(**{**q, "embed_method": "rtn"}), param_role)
+    gptq = quantize_state_dict(state, hessians, QuantConfig(**{**q, "embed_method": "gptq"}), param_role)
+    rtn = quantize_state_dict(state, hessians, QuantConfig(**{**q, "method": "rtn", "embed_method": ""}), param_role)
     classes = {qt.cls for qt in mixed.values() if qt.scheme.startswith("int")}
     assert classes == {"embed", "matrix"}
     for n, qt in mixed.items():

@@ -179,17 +179,23 @@ def cpu_golf() -> RunConfig:
     """cpu-golf v2 (SPEC §11.0): model.ptz alone <= 100,000 B (code reported beside, not counted), with
     calibration, GPTQ, cap fitting and the per-group encode inside the 600 s training budget.
 
-    cpu-golf-2mb's sequence, batch, optimizer and eval recipe at 4x64 (214,312 parameters, ~3.5 bits each
-    after compression); GPTQ from int6 matrices / int8 embedding with 16 calibration batches, then the fit
-    step coarsens the groups that cost least bpb per byte until model.ptz fits. The per-group codecs are
-    the ones that won on these shapes. Measurements: docs/presets/cpu-golf.md, docs/cpu-golf.md.
+    cpu-golf-2mb's sequence, batch and optimizer recipe at 4x64 with #1855's SmearGate (214,325
+    parameters, ~3.5 bits each after compression); int6 GPTQ matrices and an int8 round-to-nearest tied
+    embedding (GPTQ fits it to its head Hessian only) with 16 calibration batches, then the fit step
+    coarsens the groups that cost least bpb per byte until model.ptz fits. The per-group codecs are the ones
+    that won on these shapes. Measurements: docs/presets/cpu-golf.md, docs/cpu-golf.md.
     """
     cfg = cpu_golf_2mb()
     cfg.preset = "cpu-golf"
     m, q = cfg.model, cfg.quant
-    m.model_dim = 64
+    m.model_dim, m.smear_gate = 64, True
     q.cap_bytes, q.cap_counts_code, q.fit_to_cap = 100_000, False, True
-    q.method, q.calibration_batches = "gptq", 16
+    q.method, q.embed_method, q.calibration_batches = "gptq", "rtn", 16
+    # #1855's phased LoRA TTT scores last, at the training length (a longer context runs positions the model
+    # never saw) and in chunks of 192 targets so quant + sliding + it fit the 600 s eval budget on 2 cores;
+    # if it cannot finish, the budget's clean stop leaves the sliding score.
+    e = cfg.eval
+    e.plan, e.lora_ttt_context, e.lora_ttt_chunk = ["quant", "sliding", "lora_ttt"], 512, 192
     q.matrix_bits, q.embed_bits = 6, 8
     q.compressor, q.codecs = "pergroup", list(CPU_GOLF_CODECS)
     return cfg
@@ -215,6 +221,7 @@ def cpu_golf_1855() -> RunConfig:
     m.parallel_mode, m.parallel_final_lane = "lanes1529", "mean"
     o.muon_ns_coeffs, o.min_lr, o.beta2, o.warmdown_frac, o.ema_decay = "polar_express", 0.1, 0.99, 0.85, 0.9965
     q.embed_bits, q.embed_clip_sigmas, q.gate_int8 = 7, 14.0, True
+    q.embed_method = ""  # #1855 quantizes its embedding by GPTQ too
     q.attn_clip_sigmas, q.mlp_clip_sigmas = 13.0, 11.5  # SPEC-1855 §4.1; other matrices keep 12.85
     # LQER top-3, rank 4, B in groups of 64 (SPEC-1855 §4.4). At model_dim 64 each row of B [4 x 64] is
     # exactly one group (one scale per singular vector), and rank 4 is 1/16 of a 64-wide matrix's rank (the
