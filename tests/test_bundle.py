@@ -87,6 +87,20 @@ def test_shake_keeps_what_the_roots_reach():
     assert "doc" not in ast.unparse(kept["pgolf.a"][1]) and "__main__" not in ast.unparse(kept["pgolf.a"][1])
 
 
+def test_shake_drops_an_import_its_module_never_reads_and_then_the_module():
+    sources = {
+        "pgolf": "",
+        "pgolf.a": "from pgolf.b import f, g\nfrom pgolf import c\ndef main():\n    return f()\n",
+        "pgolf.b": "from pgolf.c import h, k\ndef f():\n    return k\ndef g():\n    return h()\n",
+        "pgolf.c": "def h(): return 1\nk = 2\ndef main(): return 3\n",
+    }
+    kept = shake(_trees(sources), "pgolf.a", {"main"})
+    assert _names(kept["pgolf.a"][1]) == {"f", "main"} and _names(kept["pgolf.b"][1]) == {"k", "f"}
+    assert _names(kept["pgolf.c"][1]) == {"k"}  # `main` is a root of pgolf.a only; h: read by g alone
+    sources["pgolf.b"] = "from pgolf.c import h\ndef f():\n    return 0\ndef g():\n    return h()\n"
+    assert sorted(shake(_trees(sources), "pgolf.a", {"main"})) == ["pgolf", "pgolf.a", "pgolf.b"]
+
+
 def test_strip_keeps_class_annotations_and_drops_function_ones():
     src = "from dataclasses import dataclass\n@dataclass\nclass C:\n    a: int = 1\ndef f(x: int) -> int:\n    y: int = x\n    z: str\n    return y\n"
     out = ast.unparse(strip_tree(ast.parse(src)))

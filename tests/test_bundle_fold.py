@@ -11,11 +11,14 @@ from pathlib import Path
 from test_submit_pipeline import run_without_pgolf
 
 from pgolf.config import preset, to_toml
-from pgolf.deadcode import fold_constant_parameters, prune_methods, simplify
+from pgolf.deadcode import fold_constant_parameters, prune_methods
 from pgolf.fold import fold_config
+from pgolf.literals import simplify
 from pgolf.minify import module_aliases
 from pgolf.singlefile import (
+    ENTRY_MODULE,
     FEATURE_DEFINITIONS,
+    _bundle_parts,
     build_bundle_source,
     bundle_modules,
     bundle_title,
@@ -136,10 +139,14 @@ def test_methods_nothing_names_are_dropped():
 
 
 def test_recipe_bundles_carry_only_the_features_their_config_uses():
-    mods_1394 = bundle_modules(preset("pr1394"), packed=True)
+    mods_1394, fixed_1394 = _bundle_parts(preset("pr1394"), True, ENTRY_MODULE)
     mods_1855 = bundle_modules(preset("pr1855"), packed=True)
     per_group = {"pgolf.quant.codecs", "pgolf.quant.reorder"}  # quant.compressor = "pergroup"
     assert not per_group & set(mods_1394) and per_group <= set(mods_1855)
+    # quant.lqer_top_k = 0: nothing live needs the LQER module (fit.py's replace(q, lqer_top_k=0) writes the
+    # value it already has); pgolf.quant's re-export of it goes with it
+    assert "pgolf.quant.lqer" not in mods_1394 and "pgolf.quant.lqer" in mods_1855
+    assert "lqer" not in mods_1394["pgolf.quant"][1] and "quant.lqer_top_k" in fixed_1394
     for name, (_, source) in {**mods_1394, **mods_1855}.items():
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # e.g. `8192 is not None` from a folded parameter

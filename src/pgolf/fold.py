@@ -28,14 +28,8 @@ from typing import Any
 
 from pgolf.config import RunConfig
 from pgolf.config.schema import SECTIONS
-from pgolf.deadcode import (
-    fold_constant_parameters,
-    make_const,
-    parameters,
-    scope_bindings,
-    simplify,
-    walk_scope,
-)
+from pgolf.deadcode import fold_constant_parameters
+from pgolf.literals import literal_key, make_const, parameters, scope_bindings, simplify, walk_scope
 from pgolf.minify import module_aliases
 
 # Annotation name -> the config path of its instances ("" = the RunConfig itself).
@@ -136,25 +130,36 @@ def _method_self_targets(trees: dict[str, ast.Module]) -> set[int]:
     return out
 
 
-def _unstable_fields(trees: dict[str, ast.Module], names: set[str]) -> set[str]:
-    """Config field names that shipped code outside the env path may give a new value."""
+def _unstable_fields(trees: dict[str, ast.Module], values: dict[str, Any]) -> set[str]:
+    """Config field names that shipped code outside the env path may give a new value. Writing the literal
+    that every field of that name holds in the run's config (`replace(q, lqer_top_k=0)` when it is 0)
+    changes nothing."""
+    bundled: dict[str, set[Any]] = {}
+    for path, value in values.items():
+        bundled.setdefault(path.rpartition(".")[2], set()).add(literal_key(make_const(value))[1])
+
+    def changes(name: str, value: ast.expr | None) -> bool:
+        known, key = literal_key(value)
+        return name in bundled and not (known and bundled[name] == {key})
+
     out = set()
     self_targets = _method_self_targets(trees)
     for module, tree in trees.items():
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "replace":
-                out.update(k.arg for k in node.keywords if k.arg in names)
+                out.update(k.arg for k in node.keywords if k.arg and changes(k.arg, k.value))
             if module in ENV_WRITERS:
                 continue
-            targets = []
+            targets, value = [], None
             if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
                 targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+                value = node.value if isinstance(node, ast.Assign) and len(targets) == 1 else None
             for t in targets:
                 for n in ast.walk(t):
-                    if isinstance(n, ast.Attribute) and n.attr in names and id(n) not in self_targets:
+                    if isinstance(n, ast.Attribute) and id(n) not in self_targets and changes(n.attr, value if n is t else None):
                         out.add(n.attr)
             if isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("setattr", "delattr"):
-                out.update(names)  # a computed field name: nothing can be proven stable
+                out.update(bundled)  # a computed field name: nothing can be proven stable
     return out
 
 
@@ -364,8 +369,7 @@ def fold_config(
     writes can change a field, only its calls pass parameters. `roots`: functions called from outside."""
     trees = {name: tree for name, (_, tree) in parsed.items()}
     fold = Folding(cfg)
-    names = {p.rpartition(".")[2] for p in fold.values}
-    fold.unstable = _unstable_fields(shipped, names)
+    fold.unstable = _unstable_fields(shipped, fold.values)
     for _ in range(2):  # the second round: attributes that the first one left bound to one literal
         fold.self_attrs = _self_attributes(shipped, fold)
         for collect in (True, False):

@@ -6,8 +6,10 @@ roots, so whole modules (CLI, report, data building, test oracles) fall out with
 names; `compact` rewrites the source with the least whitespace the grammar needs. Every pass is checked:
 `compact` compares the AST of its output with its input's, and the bundle re-parses under Python 3.10.
 
-Reachability is by name and errs towards keeping: a definition is kept when its name is read anywhere in
-kept code outside a scope that binds it locally, or as an attribute of a pgolf module object; a decorator
+Reachability is by name and errs towards keeping: a definition is kept when its name is read in kept code
+of its module outside a scope that binds it locally, imported from its module by kept code (an import line
+nothing reads goes, and with it the module when nothing else needs it), or read as an attribute of any pgolf
+module object; a decorator
 that might register the function (anything not in PURE_DECORATORS) keeps it whenever its module is kept.
 """
 
@@ -180,13 +182,19 @@ def _bound_in(body: Iterable[ast.AST]) -> tuple[set[str], set[str]]:
 
 
 class _Refs(ast.NodeVisitor):
-    """Global names a statement reads: Name loads outside the local scopes binding them, names taken by
-    `from M import name`, and every attribute of a chain rooted at a pgolf module alias."""
+    """What a statement of module `module` reads: its module's globals (Name loads outside the local scopes
+    binding them), `(M, name)` of `from M import name`, and, as names of any module, every attribute of a
+    chain rooted at a pgolf module alias and the functions of "pgolf.x:function" strings."""
 
-    def __init__(self, module_aliases: frozenset[str]) -> None:
+    def __init__(self, module_aliases: frozenset[str], module: str = "", base: str = "") -> None:
         self.names: set[str] = set()
-        self.module_aliases = module_aliases
+        self.anywhere: set[str] = set()
+        self.imported: set[tuple[str, str]] = set()
+        self.module_aliases, self.module, self.base = module_aliases, module, base
         self.scopes: list[set[str]] = []
+
+    def qualified(self) -> set[tuple[str, str]]:
+        return {(self.module, n) for n in self.names} | self.imported
 
     def _local(self, name: str) -> bool:
         return any(name in s for s in self.scopes)
@@ -201,15 +209,15 @@ class _Refs(ast.NodeVisitor):
             chain.append(root.attr)
             root = root.value
         if isinstance(root, ast.Name) and root.id in self.module_aliases:
-            self.names.update(chain)
+            self.anywhere.update(chain)
         self.generic_visit(node)
 
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
-        self.names.update(a.name for a in node.names)
+        self.imported.update((from_module(node, self.base), a.name) for a in node.names)
 
     def visit_Constant(self, node: ast.Constant) -> None:
         if entry_point_name(node):
-            self.names.add(entry_point_name(node))
+            self.anywhere.add(entry_point_name(node))
 
     def _scope(self, node: ast.AST, args: ast.arguments, body: list[ast.AST]) -> None:
         for sub in [*getattr(node, "decorator_list", []), *args.defaults, *args.kw_defaults]:
@@ -268,7 +276,8 @@ class _Unit:
     alias: int | None
     defines: set[str]
     effect: bool
-    refs: set[str] = field(default_factory=set)
+    refs: set[tuple[str, str]] = field(default_factory=set)  # (module, name) it reads
+    anywhere: set[str] = field(default_factory=set)  # names it may read of any module
     imports: set[str] = field(default_factory=set)
 
 
@@ -305,20 +314,22 @@ def _definition_names(stmt: ast.stmt) -> set[str] | None:
 
 def _units(name: str, tree: ast.Module, is_package: bool, aliases: frozenset[str]) -> list[_Unit]:
     out = []
+    base = name if is_package else name.rpartition(".")[0]
     for i, stmt in enumerate(tree.body):
         if isinstance(stmt, (ast.Import, ast.ImportFrom)) and _definition_names(stmt) is not None:
             for j, alias in enumerate(stmt.names):
                 single = ast.copy_location(type(stmt)(**{**stmt.__dict__, "names": [alias]}), stmt)
                 unit = _Unit(i, j, {(alias.asname or alias.name).split(".")[0]}, False)
-                unit.refs = {alias.name}
+                if isinstance(stmt, ast.ImportFrom):
+                    unit.refs = {(from_module(stmt, base), alias.name)}
                 unit.imports = imported_modules(name, single, is_package)
                 out.append(unit)
             continue
         defines = _definition_names(stmt)
         unit = _Unit(i, None, defines or set(), defines is None)
-        visitor = _Refs(aliases)
+        visitor = _Refs(aliases, name, base)
         visitor.visit(stmt)
-        unit.refs = visitor.names
+        unit.refs, unit.anywhere = visitor.qualified(), visitor.anywhere
         unit.imports = imported_modules(name, stmt, is_package)
         out.append(unit)
     return out
@@ -339,10 +350,12 @@ def module_aliases(trees: dict[str, tuple[bool, ast.Module]]) -> frozenset[str]:
 
 
 def shake(trees: dict[str, tuple[bool, ast.Module]], entry: str, roots: set[str]) -> dict[str, tuple[bool, ast.Module]]:
-    """The modules reachable from `entry` with only the top-level statements that the roots' names reach."""
+    """The modules reachable from `entry` with only the top-level statements that the roots' names reach.
+    A statement is live when a kept statement of its module reads a name it binds, another module imports
+    that name from it, or an attribute of a pgolf module alias spells it (of any module: not resolved)."""
     aliases = module_aliases(trees)
     units = {name: _units(name, tree, pkg, aliases) for name, (pkg, tree) in trees.items()}
-    live, reached, kept = set(roots), set(), set()
+    live, anywhere, reached, kept = {(entry, r) for r in roots}, set(), set(), set()
 
     def reach(module: str) -> None:
         parts = module.split(".")
@@ -354,10 +367,13 @@ def shake(trees: dict[str, tuple[bool, ast.Module]], entry: str, roots: set[str]
         changed = False
         for module in sorted(reached):
             for k, unit in enumerate(units[module]):
-                if (module, k) in kept or not (unit.effect or unit.defines & live):
+                if (module, k) in kept:
+                    continue
+                if not (unit.effect or unit.defines & anywhere or any((module, d) in live for d in unit.defines)):
                     continue
                 kept.add((module, k))
                 live |= unit.refs
+                anywhere |= unit.anywhere
                 for target in unit.imports:
                     reach(target)
                 changed = True

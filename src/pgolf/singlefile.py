@@ -21,7 +21,7 @@ import copy
 import importlib.util
 import lzma
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pgolf.config import RunConfig
@@ -100,7 +100,7 @@ FEATURE_DEFINITIONS = (
         lambda cfg: cfg.quant.compressor == "pergroup",
         ("pgolf.quant.artifact:encode_pergroup", "pgolf.quant.artifact:_decode_pergroup"),
     ),
-    (lambda cfg: cfg.quant.lqer_top_k > 0, ("pgolf.quant.lqer:lqer_correction",)),  # artifact's LQER entries
+    (lambda cfg: cfg.quant.lqer_top_k > 0, ("pgolf.quant.lqer:lqer_correction", "pgolf.quant.lqer:LqerFactors")),
 )
 
 
@@ -145,17 +145,23 @@ def unused_feature_modules(cfg: RunConfig) -> set[str]:
 
 class _UnbindImports(ast.NodeTransformer):
     """`from <left-out module> import a, b` becomes `a = b = None`: the names stay defined for code on the
-    branches of the left-out modes, which record.main refuses to reach (check_plan_is_bundled)."""
+    branches of the left-out modes, which record.main refuses to reach (check_plan_is_bundled). So does the
+    import of an unbound definition (FEATURE_DEFINITIONS): its module ships only if something else needs it."""
 
-    def __init__(self, name: str, is_package: bool, left_out: set[str]) -> None:
+    def __init__(self, name: str, is_package: bool, left_out: set[str], unbound: dict[str, set[str]]) -> None:
         self.base = name if is_package else name.rpartition(".")[0]
-        self.left_out = left_out
+        self.left_out, self.unbound = left_out, unbound
 
-    def visit_ImportFrom(self, node: ast.ImportFrom) -> ast.AST:
-        if from_module(node, self.base) not in self.left_out:
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> Any:
+        module = from_module(node, self.base)
+        gone = [a for a in node.names if module in self.left_out or a.name in self.unbound.get(module, ())]
+        if not gone:
             return node
-        targets = [ast.Name(id=a.asname or a.name, ctx=ast.Store()) for a in node.names]
-        return ast.copy_location(ast.Assign(targets=targets, value=ast.Constant(None)), node)
+        targets = [ast.Name(id=a.asname or a.name, ctx=ast.Store()) for a in gone]
+        out: list[ast.stmt] = [ast.copy_location(ast.Assign(targets=targets, value=ast.Constant(None)), node)]
+        if len(gone) < len(node.names):
+            out.insert(0, ast.copy_location(ast.ImportFrom(node.module, [a for a in node.names if a not in gone], node.level), node))
+        return out
 
 
 def bundle_modules(cfg: RunConfig, packed: bool, entry: str = ENTRY_MODULE) -> dict[str, tuple[bool, str]]:
@@ -172,7 +178,7 @@ def _bundle_parts(cfg: RunConfig, packed: bool, entry: str) -> tuple[dict[str, t
     for name, (is_package, source) in collect_modules(entry).items():
         if any(name == m or name.startswith(m + ".") for m in left_out):
             continue
-        tree = _UnbindImports(name, is_package, left_out).visit(ast.parse(source))
+        tree = _UnbindImports(name, is_package, left_out, unbound).visit(ast.parse(source))
         parsed[name] = (is_package, _unbind_definitions(tree, unbound.get(name, set())))
     shipped = {name: tree for name, (_, tree) in shake(parsed, entry, set(ENTRY_ROOTS)).items()}
     fixed = fold_config(parsed, shipped, validate(copy.deepcopy(cfg)), set(ENTRY_ROOTS))

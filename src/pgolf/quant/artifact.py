@@ -52,7 +52,7 @@ import struct
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -71,6 +71,9 @@ from pgolf.quant.pergroup import (
 from pgolf.quant.reorder import decode_orders, encode_orders
 from pgolf.quant.scheme import CLASSES, QuantizedTensor
 from pgolf.quant.tensorbytes import DTYPES, byte_shuffle, byte_unshuffle, dtype_name, from_bytes, to_bytes
+
+if TYPE_CHECKING:  # the annotation proves qcfg's class to pgolf.fold
+    from pgolf.config.schema import QuantConfig
 
 MAGIC = b"PGOLFQ01"
 FORMAT_VERSION = 1
@@ -333,7 +336,7 @@ def _decode_pergroup(
 
 
 def encode_configured(
-    qtensors: Mapping[str, QuantizedTensor], qcfg: Any, meta: Mapping[str, Any] | None = None
+    qtensors: Mapping[str, QuantizedTensor], qcfg: QuantConfig, meta: Mapping[str, Any] | None = None
 ) -> tuple[bytes, dict[str, int], dict[str, dict[str, Any]] | None]:
     """The artifact quant.compressor / shuffle / codecs / reorder_groups of `qcfg` (a QuantConfig) ask for:
     (bytes, stored bytes per frame, the per-group coding report or None for a version-1 container)."""
