@@ -87,6 +87,39 @@ def test_branches_holding_a_yield_are_never_cut():
     assert "yield 1" in code and "x = 1" not in code
 
 
+def test_locals_bound_once_to_a_literal_are_substituted_and_their_tests_evaluated():
+    src = (
+        "def validate(cfg):\n"
+        "    head_dim = 64\n"
+        "    if 16 > head_dim:\n"
+        "        raise ValueError(head_dim)\n"
+        "    n = 3\n"
+        "    k = -2\n"
+        "    return cfg.x * (n * 2 - 1) if k < -1 and head_dim / 2 == 32 else None\n"
+        "def kept(a):\n"
+        "    x = 1\n"
+        "    def inner():\n"
+        "        nonlocal x\n"
+        "        x += 1\n"
+        "    for i in range(3):\n"
+        "        y = 2\n"
+        "    if a:\n"
+        "        z = 5\n"
+        "    print(w)\n"
+        "    w = 3\n"
+        "    q = 1\n"
+        "    return x, y, z, w, locals()\n"
+    )
+    code = ast.unparse(simplify(ast.parse(src)))
+    assert code.startswith("def validate(cfg):\n    return cfg.x * 5\n")
+    # a literal operand that cannot decide a test goes; `x and True` stays where its value is used
+    tests = "def g(x, a, b):\n    if x and True:\n        return a == b and True, x and True, not (x or False)\n"
+    assert ast.unparse(simplify(ast.parse(tests))).endswith("if x:\n        return (a == b, x and True, not x)")
+    # nonlocal, bound in a loop or a branch, read before its assignment, read through locals(): kept
+    for line in ("x = 1", "y = 2", "z = 5", "w = 3", "q = 1"):
+        assert line in code, line
+
+
 def _trees(**sources: str) -> dict[str, ast.Module]:
     return {f"pgolf.{name}": ast.parse(src) for name, src in sources.items()}
 

@@ -1,11 +1,12 @@
 """Literal evaluation on a bundle's AST (the config already folded into it, pgolf.fold): tests made of
-literals are evaluated and only the branch that runs is kept (`simplify`); plus the scope helpers the
-dead-code passes share.
+literals are evaluated and only the branch that runs is kept, and a function's local bound exactly once, to
+a literal, is replaced by it (`simplify`); plus the scope helpers the dead-code passes share.
 """
 
 from __future__ import annotations
 
 import ast
+import math
 import operator
 from collections.abc import Iterable
 from typing import Any
@@ -28,6 +29,7 @@ _ARITH = {
     ast.Mult: operator.mul,
     ast.Mod: operator.mod,
     ast.FloorDiv: operator.floordiv,
+    ast.Div: operator.truediv,
 }
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
 COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
@@ -37,6 +39,9 @@ def _const(node: ast.AST) -> tuple[bool, Any]:
     """(is a literal, its value): a Constant, or a tuple of Constants."""
     if isinstance(node, ast.Constant):
         return True, node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
+        value = node.operand.value  # a negative number, as make_const writes it
+        return (True, -value) if isinstance(value, (int, float)) and not isinstance(value, bool) else (False, None)
     if isinstance(node, ast.Tuple) and all(isinstance(e, ast.Constant) for e in node.elts):
         return True, tuple(e.value for e in node.elts)  # type: ignore[attr-defined]
     return False, None
@@ -116,6 +121,27 @@ def _cuts_function(body: list[ast.stmt]) -> bool:
     return False
 
 
+def _boolean(node: ast.AST) -> bool:
+    """Whether `node` always evaluates to a bool (a comparison, a `not`, a bool literal)."""
+    if isinstance(node, ast.BoolOp):
+        return all(_boolean(v) for v in node.values)
+    return isinstance(node, ast.Compare) or isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not) or (
+        isinstance(node, ast.Constant) and isinstance(node.value, bool)
+    )
+
+
+def _truth_only(node: ast.expr) -> ast.expr:
+    """`node`, read only for its truth (an `if`/`while` test): the literal operands of its `and`/`or` that
+    cannot decide it go (`x and True` tests as `x`)."""
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        node.operand = _truth_only(node.operand)
+    if not isinstance(node, ast.BoolOp):
+        return node
+    neutral = isinstance(node.op, ast.And)  # the truth value an operand needs to let the next one decide
+    values = [v for v in map(_truth_only, node.values) if _truthy(v) != (True, neutral)] or [ast.Constant(neutral)]
+    return values[0] if len(values) == 1 else ast.copy_location(ast.BoolOp(op=node.op, values=values), node)
+
+
 class _Simplify(ast.NodeTransformer):
     """Evaluate tests made of literals and keep only the branch that runs."""
 
@@ -130,10 +156,13 @@ class _Simplify(ast.NodeTransformer):
             keep.append(value)
             if known:
                 break  # `False and y` is False, `True or y` is True: y never runs
+        if len(keep) > 1 and _truthy(keep[-1]) == (True, isinstance(node.op, ast.And)) and _boolean(keep[-2]):
+            keep.pop()  # `a == b and True` is `a == b`
         return keep[0] if len(keep) == 1 else ast.copy_location(ast.BoolOp(op=node.op, values=keep), node)
 
     def visit_UnaryOp(self, node: ast.UnaryOp) -> ast.AST:
         self.generic_visit(node)
+        node.operand = _truth_only(node.operand) if isinstance(node.op, ast.Not) else node.operand
         known, truth = _truthy(node.operand)
         if known and isinstance(node.op, ast.Not):
             return ast.copy_location(ast.Constant(not truth), node)
@@ -144,8 +173,9 @@ class _Simplify(ast.NodeTransformer):
         (ka, a), (kb, b) = _const(node.left), _const(node.right)
         op = _ARITH.get(type(node.op))
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
-        if ka and kb and op is not None and numbers and not (isinstance(node.op, (ast.Mod, ast.FloorDiv)) and b == 0):
-            return ast.copy_location(make_const(op(a, b)), node)
+        if ka and kb and op is not None and numbers and not (isinstance(node.op, (ast.Mod, ast.FloorDiv, ast.Div)) and b == 0):
+            value = op(a, b)
+            return ast.copy_location(make_const(value), node) if math.isfinite(value) else node
         return node
 
     def visit_Compare(self, node: ast.Compare) -> ast.AST:
@@ -160,11 +190,13 @@ class _Simplify(ast.NodeTransformer):
 
     def visit_IfExp(self, node: ast.IfExp) -> ast.AST:
         self.generic_visit(node)
+        node.test = _truth_only(node.test)
         known, truth = _truthy(node.test)
         return (node.body if truth else node.orelse) if known else node
 
     def visit_If(self, node: ast.If) -> Any:
         self.generic_visit(node)
+        node.test = _truth_only(node.test)
         known, truth = _truthy(node.test)
         if not known or _cuts_function(node.orelse if truth else node.body):
             return node
@@ -172,6 +204,7 @@ class _Simplify(ast.NodeTransformer):
 
     def visit_While(self, node: ast.While) -> Any:
         self.generic_visit(node)
+        node.test = _truth_only(node.test)
         known, truth = _truthy(node.test)
         return node.orelse if known and not truth and not _cuts_function(node.body) else node
 
@@ -186,15 +219,51 @@ class _FillEmpty(ast.NodeTransformer):
         return node
 
 def simplify(tree: ast.Module) -> ast.Module:
-    """`tree` with literal tests evaluated and dead branches cut (in place)."""
-    return ast.fix_missing_locations(_FillEmpty().visit(_Simplify().visit(tree)))
+    """`tree` with literal tests evaluated, dead branches cut and locals bound once to a literal replaced
+    by it (in place), repeated while the last step finds something."""
+    while True:
+        tree = _FillEmpty().visit(_Simplify().visit(tree))
+        if not _propagate_locals(tree):
+            return ast.fix_missing_locations(tree)
+
+
+# Builtins that read a function's locals by name: a function calling one keeps all its assignments.
+_DYNAMIC_SCOPE = frozenset({"locals", "vars", "eval", "exec"})
+SHORT_STRING = 6  # a longer string literal is substituted only where its name is read once (bytes)
+
+
+def _propagate_locals(tree: ast.Module) -> int:
+    """In every function, a local bound exactly once, by a statement of the function's own body
+    `name = <literal>` that no statement before it reads, becomes that literal in the statements after
+    it, and the assignment goes (replace_loads refuses when a nested scope binds the name). Returns how
+    many assignments went."""
+    done = 0
+    for fn in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+        if any(isinstance(n, ast.Name) and n.id in _DYNAMIC_SCOPE for n in ast.walk(fn)):
+            continue
+        count, declared = scope_bindings(fn.body)
+        params = {a.arg for a in parameters(fn.args)}
+        for stmt in list(fn.body):
+            target = stmt.targets[0] if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 else None
+            known, key = literal_key(stmt.value) if isinstance(target, ast.Name) else (False, None)
+            if not known or count.get(target.id) != 1 or target.id in params | declared or stmt not in fn.body:
+                continue
+            name, i = target.id, fn.body.index(stmt)
+            reads = [n for n in ast.walk(fn) if isinstance(n, ast.Name) and n.id == name and n is not target]
+            if any(n is r for s in fn.body[:i] for n in ast.walk(s) for r in reads):
+                continue  # read before it is bound: a NameError the literal would hide
+            if isinstance(key[1], str) and len(key[1]) > SHORT_STRING and len(reads) > 1:
+                continue
+            fn.body.pop(i)
+            if replace_loads(fn, name, key[1]):
+                done += 1
+            else:
+                fn.body.insert(i, stmt)
+    return done
 
 
 def literal_key(node: ast.expr | None) -> tuple[bool, Any]:
     known, value = _const(node) if node is not None else (False, None)
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        known, value = _const(node.operand)
-        value = -value if known and isinstance(value, (int, float)) else value
     immutable = value is None or isinstance(value, (bool, int, float, str))
     return (True, (type(value), value)) if known and immutable else (False, None)
 
@@ -227,6 +296,8 @@ def replace_loads(fn: ast.AST, name: str, value: Any) -> bool:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
             return False
         if isinstance(node, (ast.Import, ast.ImportFrom)) and any((a.asname or a.name) == name for a in node.names):
+            return False
+        if isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and node.name == name:
             return False
 
     if not (value is None or isinstance(value, bool)) and _identity_tested(fn, name):
