@@ -16,6 +16,7 @@ from pgolf.config import PRESETS, preset, to_toml
 from pgolf.config.overrides import from_dict, tomllib
 from pgolf.minify import MinifyError, compact, shake, strip_tree
 from pgolf.singlefile import (
+    _string_literal,
     build_bundle_source,
     bundle_modules,
     bundle_title,
@@ -161,7 +162,14 @@ def test_recipe_bundles_carry_only_their_modes():
     assert "njit" not in text_1394 and "PRIMES" not in text_1394 and "def eval_ttt" not in text_1394
     assert "njit" in text_1557 and "PRIMES" in text_1557 and "def eval_ttt" in text_1557
     assert '"""' not in text_1394 and "# " not in text_1394  # no docstrings, no comments
+    # the modules travel as raw triple-quoted strings, verbatim
+    assert ast.literal_eval(ast.parse(text_1394).body[0].value) == mods_1394 and ":(False,r'''" in text_1394
     assert len(text_1394) < len(text_1557)
+
+
+@pytest.mark.parametrize("source", ["", "a\n", "x='''", "a\\", "b'", "c\\n'q'\n", "line\r\n", "é\\d+"])
+def test_module_sources_are_spelled_verbatim(source: str):
+    assert ast.literal_eval(_string_literal(source)) == source
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
