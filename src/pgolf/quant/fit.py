@@ -283,7 +283,7 @@ def fit_to_cap(
         changes.append(change)
         log(
             f"quant fit: {g} int{change['bits'][0]}->int{setting.bits} k {change['clip_sigmas'][0]:g}->"
-            f"{setting.clip_sigmas:g}: -{saved:,} B (proxy +{change['proxy_cost']:.4g}), artifact "
+            f"{setting.clip_sigmas:g}: -{saved:,} B (proxy {change['proxy_cost']:+.4g}), artifact "
             f"{total:,} B (budget {budget_bytes:,})"
         )
     summary = {
