@@ -190,13 +190,9 @@ def main() -> None:
     ]
     if args.rows:
         rows = [r for r in rows if r.name in args.rows.split(",")]
-    if args.ab:
-        b_side = "+" + ",".join(args.ab)
+    if args.ab:  # "<row> B": the row with the --ab switches (named in the header)
         rows = [
-            r2
-            for r in rows
-            for _ in range(args.repeat)
-            for r2 in (r, replace(r, name=(r.name + b_side)[:24], sets=tuple(args.ab)))
+            r2 for r in rows for _ in range(args.repeat) for r2 in (r, replace(r, name=f"{r.name} B", sets=tuple(args.ab)))
         ]
     import torch
 
@@ -212,6 +208,8 @@ def main() -> None:
     print(
         f"# autocast={args.autocast} ns_dtype={ns_dtype} compile={args.compile} grad_accum={ga} steps={steps} warmup={warmup}"
     )
+    if args.ab:
+        print(f"# B rows: {' '.join(args.ab)}")
     header = f"{'row':24s} {'params':>11s} {'tok/step':>8s} {'ms/step':>9s} {'tok/s':>9s} {'MFU':>6s} {'vs#1394':>7s} {'RSS GB':>7s}"
     print(header)
     print("-" * len(header))

@@ -14,7 +14,7 @@ from pgolf.cli import main as pgolf_main
 from pgolf.config import preset, to_toml
 from pgolf.data.shards import shard_name, write_shard
 from pgolf.fileio import atomic_write_text
-from pgolf.model import GPT
+from pgolf.model import GPT, param_role
 from pgolf.quant import (
     calibration_batches,
     collect_hessians,
@@ -24,6 +24,7 @@ from pgolf.quant import (
     quantize_run,
 )
 from pgolf.quant.budget import gptq_cost_seconds
+from pgolf.quant.scheme import plan_tensors
 from pgolf.runtime import dist_info
 
 VOCAB = 512
@@ -196,6 +197,24 @@ def test_quant_reserve_seconds(tmp_path):
     assert measured.total > measured.calibration_seconds + measured.gptq_seconds
     assert quant_reserve_seconds(cfg) > 0  # a second timing: comparing two timings fails on a loaded machine
     assert gptq_cost_seconds([(512, 2048)]) > gptq_cost_seconds([(512, 512)]) > 0
+
+
+def test_the_gptq_reserve_counts_only_the_tensors_gptq_quantizes(tmp_path):
+    """quant.embed_method=rtn: the tied embedding leaves the GPTQ estimate, the matrices stay in it."""
+    cfg = tiny_config(tmp_path)
+    state = GPT(cfg.model).state_dict()
+    plans = plan_tensors(state, cfg.quant, param_role)
+    shapes = {p.cls: [] for p in plans}
+    for p in plans:
+        if p.scheme.startswith("int"):
+            shapes[p.cls].append(tuple(state[p.name].shape))
+    everything = estimate_quant_seconds(cfg, seconds_per_token=1e-3).gptq_seconds
+    assert everything == pytest.approx(gptq_cost_seconds(shapes["matrix"] + shapes["embed"]))
+    cfg.quant.embed_method = "rtn"
+    assert estimate_quant_seconds(cfg, seconds_per_token=1e-3).gptq_seconds == pytest.approx(
+        gptq_cost_seconds(shapes["matrix"])
+    )
+    assert shapes["embed"] and gptq_cost_seconds(shapes["matrix"]) < everything
 
 
 @pytest.mark.slow

@@ -50,6 +50,8 @@ CONFIG_LOADERS = frozenset({"load_run_config"})
 NEVER_FOLD = frozenset({"data.dir", "data.tokenizer", "train.seed"})
 # Modules that write config fields only while applying the environment (which record.main guards).
 ENV_WRITERS = frozenset({"pgolf.config.env", "pgolf.config.overrides"})
+
+
 def _literal(value: Any) -> bool:
     if isinstance(value, float):
         return math.isfinite(value)

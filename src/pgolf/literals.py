@@ -210,13 +210,14 @@ class _Simplify(ast.NodeTransformer):
 
 
 class _FillEmpty(ast.NodeTransformer):
+    """A body that cut branches emptied gets `pass` (an empty orelse / finalbody is valid as it is)."""
+
     def generic_visit(self, node: ast.AST) -> ast.AST:
         super().generic_visit(node)
-        for name in ("body", "orelse", "finalbody"):
-            value = getattr(node, name, None)
-            if isinstance(value, list) and not value and name == "body" and not isinstance(node, ast.Module):
-                setattr(node, name, [ast.Pass()])
+        if getattr(node, "body", None) == [] and not isinstance(node, ast.Module):
+            node.body = [ast.Pass()]  # type: ignore[attr-defined]
         return node
+
 
 def simplify(tree: ast.Module) -> ast.Module:
     """`tree` with literal tests evaluated, dead branches cut and locals bound once to a literal replaced

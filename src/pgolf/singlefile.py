@@ -21,10 +21,7 @@ import copy
 import importlib.util
 import lzma
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from pgolf.config import RunConfig
+from typing import Any
 
 import brotli
 

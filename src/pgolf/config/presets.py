@@ -191,13 +191,13 @@ def cpu_golf() -> RunConfig:
     m.model_dim, m.smear_gate = 64, True
     q.cap_bytes, q.cap_counts_code, q.fit_to_cap = 100_000, False, True
     q.method, q.embed_method, q.calibration_batches = "gptq", "rtn", 16
+    q.matrix_bits, q.embed_bits = 6, 8
+    q.compressor, q.codecs = "pergroup", list(CPU_GOLF_CODECS)
     # #1855's phased LoRA TTT scores last, at the training length (a longer context runs positions the model
     # never saw) and in chunks of 192 targets so quant + sliding + it fit the 600 s eval budget on 2 cores;
     # if it cannot finish, the budget's clean stop leaves the sliding score.
     e = cfg.eval
     e.plan, e.lora_ttt_context, e.lora_ttt_chunk = ["quant", "sliding", "lora_ttt"], 512, 192
-    q.matrix_bits, q.embed_bits = 6, 8
-    q.compressor, q.codecs = "pergroup", list(CPU_GOLF_CODECS)
     return cfg
 
 

@@ -145,12 +145,8 @@ def estimate_quant_seconds(
     model = GPT(cfg.model).to(device)
     state = model.state_dict()
     plans = plan_tensors(state, cfg.quant, param_role)
-    gptq_plans = [
-        p
-        for p in plans
-        if p.scheme.startswith("int") and (p.rule.method if p.rule else cfg.quant.method) == "gptq"
-    ]
-    shapes = [tuple(state[p.name].shape) for p in gptq_plans]
+    # only the tensors whose rule quantizes them by GPTQ (quant.embed_method may round the embedding)
+    shapes = [tuple(state[p.name].shape) for p in plans if p.scheme.startswith("int") and p.rule.method == "gptq"]
     gptq_on = bool(shapes) and cfg.quant.calibration_batches > 0
     gptq = gptq_cost_seconds(shapes, device.type, cfg.quant.gptq_block_size) if gptq_on else 0.0
     tokens = calibration_tokens(cfg)

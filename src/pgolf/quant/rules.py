@@ -49,9 +49,8 @@ class QuantRule:
     min_numel: int = 0
     max_numel: int = 0  # 0 = no bound
     floating: bool | None = True  # True: float tensors only; False: non-float only; None: both
-    method: str = (
-        "gptq"  # gptq (GPTQ where a Hessian exists, else round to nearest) | rtn | int8-row | fp16 | raw
-    )
+    # gptq (GPTQ where a Hessian exists, else round to nearest) | rtn | int8-row | fp16 | raw
+    method: str = "gptq"
     bits: int = 16
     clip_sigmas: float = 0.0  # SDClip k after the clip mode's width scaling (gptq / rtn)
     tuned_bits: int = 0  # the width clip_sigmas was tuned at (step / search modes scale from it)

@@ -7,6 +7,7 @@ executed file itself (SPEC §4.7), so the printed total is exactly what the subm
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import sys
@@ -60,11 +61,12 @@ def _script_bytes() -> int:
 def main(config_toml: str, fixed: tuple[str, ...] = ()) -> int:
     keep_freed_memory()
     try:
-        cfg = from_dict(tomllib.loads(config_toml), "embedded config")
+        bundled = from_dict(tomllib.loads(config_toml), "embedded config")
+        cfg = copy.deepcopy(bundled)
         apply_env(cfg, os.environ)
         validate(cfg)
         check_plan_is_bundled(cfg.eval.plan)
-        check_fixed_fields(cfg, from_dict(tomllib.loads(config_toml)), fixed)
+        check_fixed_fields(cfg, bundled, fixed)
     except ConfigError as err:  # a bad env var: one line, before any work
         print(f"train_gpt.py: {err}", file=sys.stderr)
         return 2

@@ -150,7 +150,7 @@ def compare_to_runs(
     new = [r.val_loss for r in runs]
     old = [r.val_loss for r in baseline]
     if tokenizers_differ(runs, baseline):
-        ratio = statistics.fmean(r.nats_per_bpb for r in baseline)
+        ratio = nats_per_bpb(runs, baseline)[1]
         new, old = [ratio * r.val_bpb for r in runs], [ratio * r.val_bpb for r in baseline]
     if statistics.pvariance(new) == 0 and statistics.pvariance(old) == 0:
         raise ValueError("both groups' val_loss values are constant (zero variance): a t-test is undefined")
@@ -168,10 +168,14 @@ def compare_to_runs(
     )
 
 
+def nats_per_bpb(runs: Sequence[RunScore], baseline: Sequence[RunScore]) -> tuple[float, float]:
+    """The two groups' mean nats/bpb ratios (new runs, baseline)."""
+    return statistics.fmean(r.nats_per_bpb for r in runs), statistics.fmean(r.nats_per_bpb for r in baseline)
+
+
 def tokenizers_differ(runs: Sequence[RunScore], baseline: Sequence[RunScore]) -> bool:
     """True when the groups' mean nats/bpb ratios differ by more than RATIO_MISMATCH (other tokenizers)."""
-    ratio_new = statistics.fmean(r.nats_per_bpb for r in runs)
-    ratio_old = statistics.fmean(r.nats_per_bpb for r in baseline)
+    ratio_new, ratio_old = nats_per_bpb(runs, baseline)
     return abs(ratio_new - ratio_old) > RATIO_MISMATCH * ratio_old
 
 
@@ -196,8 +200,7 @@ def format_stats(
     if baseline:
         lines += [""] + _group_lines("baseline", baseline)
         if tokenizers_differ(runs, baseline):
-            ratio_new = statistics.fmean(r.nats_per_bpb for r in runs)
-            ratio_old = statistics.fmean(r.nats_per_bpb for r in baseline)
+            ratio_new, ratio_old = nats_per_bpb(runs, baseline)
             lines.append(
                 f"note: nats/bpb ratios differ ({ratio_new:.4f} vs {ratio_old:.4f}): the groups use different "
                 f"tokenizers, so the test compares val_bpb converted at the baseline's {ratio_old:.4f} nats/bpb"
